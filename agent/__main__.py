@@ -1,0 +1,7 @@
+"""``python -m dashcar.agent``."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

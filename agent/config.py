@@ -1,0 +1,84 @@
+"""Agent settings: one frozen tree, the only place that defines a setting and its default.
+
+Precedence: built-in defaults < TOML file (``--config``) < ``DASHCAR_<NAME>`` environment
+variables < command-line flags (``--<name>``). The CLI reads its flag list from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dashcar.proto import ConfigError, runtime_dir, state_dir
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Every agent setting; field names are the config keys, env names and flag names."""
+
+    runtime_dir: Path
+    state_dir: Path
+    wal_max_bytes: int = 16 * 1024**3
+    wal_sync: bool = True
+    merge_window_s: float = 1.0
+    max_open_rows: int = 200_000
+    ingest_batch: int = 8192
+    sink_batch: int = 8192
+    rcvhwm: int = 200_000
+    watch_interval_s: float = 0.25
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "INFO"
+
+
+TUNABLES = [f for f in dataclasses.fields(AgentConfig) if f.name not in ("runtime_dir", "state_dir")]
+
+
+def _convert(name: str, kind: Any, raw: object) -> object:
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if kind in (int, "int"):
+            return int(raw)  # type: ignore[call-overload]
+        if kind in (float, "float"):
+            return float(raw)  # type: ignore[arg-type]
+        if kind in (Path, "Path"):
+            return Path(str(raw))
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}={raw!r} is not a valid {kind}") from exc
+
+
+def load(environ: Mapping[str, str], flags: Mapping[str, object] | None = None, path: str | None = None) -> AgentConfig:
+    """Resolve the configuration from a TOML file, the environment and flags (pure but for reading ``path``)."""
+    values: dict[str, object] = {}
+    if path:
+        try:
+            import tomllib
+        except ImportError as exc:
+            raise ConfigError("a TOML config needs Python 3.11+; use DASHCAR_* variables instead") from exc
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    for f in dataclasses.fields(AgentConfig):
+        env = environ.get(f"DASHCAR_{f.name.upper()}")
+        if env is not None and env != "":
+            values[f.name] = env
+    for k, v in (flags or {}).items():
+        if v is not None:
+            values[k] = v
+    unknown = set(values) - {f.name for f in dataclasses.fields(AgentConfig)}
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    kinds = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
+    typed = {k: _convert(k, kinds[k], v) for k, v in values.items()}
+    typed.setdefault("runtime_dir", runtime_dir(environ))
+    typed.setdefault("state_dir", state_dir(environ))
+    return AgentConfig(**typed)  # type: ignore[arg-type]

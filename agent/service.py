@@ -1,0 +1,215 @@
+"""The agent's lifecycle: open the WAL and sink (recovery), serve, drain on a signal.
+
+Order of startup (teardown is the reverse):
+1. the WAL and the sink open; the sink recovers (redo records re-applied, uncommitted
+   bytes truncated, derived files rewritten) before any frame is accepted;
+2. the ingest thread binds the PULL socket and starts storing frames;
+3. the sink thread follows the WAL; the watcher looks after producer pids;
+4. the control socket answers; systemd hears ``READY=1``.
+
+On SIGTERM or SIGINT (or a ``stop`` request) the agent stops taking frames, stores what
+was already queued, lets the sink write and settle everything, commits, and exits, all
+within ``shutdown_timeout_s``; a second signal exits at once. Whatever is cut short by the
+deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import anyio
+import lmdb
+from anyio.abc import TaskStatus
+
+from dashcar.proto import Frame, Kind, ProducerGone, encode
+
+from . import control, systemd
+from .config import AgentConfig
+from .errors import SinkError
+from .ingest import Ingest
+from .sinks.jsonl import JsonlSink
+from .wal import Wal
+
+log = logging.getLogger(__name__)
+
+AGENT_ROOT = "/"
+AGENT_PREFIX = "dashcar-agent"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` is a running (not zombie) process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Agent:
+    """The running service: threads, counters and the stop request."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.wal = Wal(cfg.state_dir / "wal", cfg.wal_max_bytes, cfg.wal_sync)
+        self.sink = JsonlSink(
+            self.wal, merge_window_s=cfg.merge_window_s, max_open_rows=cfg.max_open_rows, batch_records=cfg.sink_batch
+        )
+        self.wakeup = threading.Event()
+        self.ingest = Ingest(self.wal, cfg.runtime_dir, batch=cfg.ingest_batch, rcvhwm=cfg.rcvhwm, on_stored=self.wakeup.set)
+        self.stop_ingest = threading.Event()
+        self.stop_sink = threading.Event()
+        self.stop_requested = anyio.Event()
+        self.sink_error: str | None = None
+        self._flush_lock = threading.Lock()
+        self._flush_requested = 0
+        self._flush_done = 0
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``dashcar status`` shows: counters, backlog, runs, health."""
+        sink = self.sink.status()
+        ingest = dict(self.ingest.counters)
+        sc = sink["counters"]
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "runtime_dir": str(self.cfg.runtime_dir),
+            "state_dir": str(self.cfg.state_dir),
+            "frames": {
+                "received": ingest["received"],
+                "stored": ingest["stored"],
+                "rejected": ingest["rejected"],
+                "rejected_by": dict(self.ingest.rejected_by),
+                "dropped_disk_full": ingest["dropped_wal"],
+                "dropped_by_producers": sc.get("dropped_by_producer", 0),
+                "missing": sc.get("missing", 0),
+                "written": sc.get("frames", 0),
+                "clashes": sc.get("clashes", 0),
+            },
+            "wal": {"backlog": self.wal.backlog(self.sink.cursor), "bytes": self.wal.used_bytes(), "error": self.ingest.wal_error},
+            "sink": {"open_rows": sink["open_rows"], "error": self.sink_error},
+            "runs": sink["runs"],
+        }
+
+    def request_flush(self, timeout_s: float) -> bool:
+        """Settle and write every open row now (``dashcar flush``); True once committed."""
+        with self._flush_lock:
+            self._flush_requested += 1
+            mine = self._flush_requested
+        self.wakeup.set()
+        with self.sink.cond:
+            return self.sink.cond.wait_for(lambda: self._flush_done >= mine, timeout_s)
+
+    def sink_loop(self) -> None:
+        """Follow the WAL until stopped and drained; retry with backoff on disk trouble."""
+        backoff = 0.05
+        while True:
+            flush_target = self._flush_requested
+            try:
+                progressed = self.sink.step()
+                if not progressed and flush_target > self._flush_done:
+                    self.sink.step(settle_all=True)
+                    with self.sink.cond:
+                        self._flush_done = flush_target
+                        self.sink.cond.notify_all()
+                    continue
+                self.sink_error = None
+                backoff = 0.05
+            except (SinkError, OSError, lmdb.Error) as exc:
+                self.sink_error = str(exc)
+                log.warning("sink=jsonl write failed, retrying in %.2fs: %s", backoff, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                try:
+                    self.sink.recover()
+                except (OSError, lmdb.Error) as exc2:
+                    log.warning("sink=jsonl recovery failed: %s", exc2)
+                continue
+            if progressed:
+                continue
+            if self.stop_sink.is_set():
+                self.sink.step(settle_all=True)
+                return
+            self.wakeup.wait(min(0.05, self.cfg.merge_window_s / 4))
+            self.wakeup.clear()
+
+    async def watch(self) -> None:
+        """Report producers whose process ended, through the WAL so it is ordered and durable."""
+        reported: set[int] = set()
+        interval = self.cfg.watch_interval_s
+        wd = systemd.watchdog_interval_s()
+        last_wd = 0.0
+        while True:
+            pids = self.sink.pids
+            for sid, pid in pids.items():
+                if sid not in reported and not pid_alive(pid):
+                    reported.add(sid)
+                    frame = Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, ProducerGone(0))
+                    self.ingest.internal.put(encode(frame))
+                    log.info("producer sid=%x pid=%d ended", sid, pid)
+            reported &= set(pids)
+            if wd is not None and time.monotonic() - last_wd >= wd:
+                systemd.notify("WATCHDOG=1")
+                last_wd = time.monotonic()
+            await anyio.sleep(interval)
+
+    async def run_thread(self, done: anyio.Event, fn: Any, *args: Any) -> None:
+        try:
+            await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        finally:
+            done.set()
+
+
+async def serve(cfg: AgentConfig, *, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run the agent until a stop signal or request; see the module docstring."""
+    agent = Agent(cfg)
+    ingest_done, sink_done = anyio.Event(), anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent.run_thread, ingest_done, agent.ingest.run, agent.stop_ingest)
+            tg.start_soon(agent.run_thread, sink_done, agent.sink_loop)
+            tg.start_soon(agent.watch)
+            await tg.start(
+                control.serve, cfg.runtime_dir, agent.sink, agent.status, agent.stop_requested.set, agent.request_flush
+            )
+            tg.start_soon(_signals, agent)
+            systemd.notify("READY=1")
+            log.info("agent ready pid=%d runtime_dir=%s state_dir=%s", os.getpid(), cfg.runtime_dir, cfg.state_dir)
+            task_status.started(agent)
+            await agent.stop_requested.wait()
+            systemd.notify("STOPPING=1")
+            log.info("agent draining deadline_s=%.1f", cfg.shutdown_timeout_s)
+            with anyio.move_on_after(cfg.shutdown_timeout_s) as scope:
+                agent.stop_ingest.set()
+                await ingest_done.wait()
+                agent.stop_sink.set()
+                agent.wakeup.set()
+                await sink_done.wait()
+            if scope.cancelled_caught:
+                log.warning("agent drain exceeded %.1fs; the rest stays in the WAL for the next start", cfg.shutdown_timeout_s)
+                os._exit(1)
+            tg.cancel_scope.cancel()
+    finally:
+        agent.wal.close()
+    log.info("agent stopped")
+
+
+async def _signals(agent: Agent) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if agent.stop_requested.is_set():
+                log.warning("second signal %d: exiting now", signum)
+                os._exit(1)
+            log.info("signal %d: stopping", signum)
+            agent.stop_requested.set()

@@ -1,0 +1,168 @@
+"""Reading and writing the ML-Dash local layout: paths, line formats, locks, atomic files.
+
+Line formats follow ML-Dash 0.11's local writer byte for byte (``json.dumps`` with its
+default separators; NaN and Infinity kept as it writes them), so its reader and ours agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dashcar.proto import metric_dir_parts, track_dir_name
+
+
+def iso(t: float) -> str:
+    """ML-Dash's timestamp format: naive UTC ISO-8601 with a trailing ``Z``."""
+    return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
+
+
+def metric_dir(run: str, name: str | None) -> str:
+    """``<run>/metrics/<name>`` (a ``/`` in the name nests directories, as ML-Dash does)."""
+    return os.path.join(run, "metrics", *metric_dir_parts(name))
+
+
+def track_dir(run: str, topic: str) -> str:
+    """``<run>/tracks/<topic with / replaced by _>``."""
+    return os.path.join(run, "tracks", track_dir_name(topic))
+
+
+def logs_dir(run: str) -> str:
+    """``<run>/logs``."""
+    return os.path.join(run, "logs")
+
+
+def dumps(obj: Any) -> str:
+    """One JSON value as ML-Dash writes it."""
+    return json.dumps(obj)
+
+
+def metric_line(index: int, point: dict[str, Any]) -> str:
+    """A metric line: ``{"index", "data", "createdAt"}``; ``createdAt`` comes from the point's ``_ts``."""
+    ts = point.get("_ts")
+    created = iso(ts) if isinstance(ts, (int, float)) and ts == ts and abs(ts) < 1e11 else iso(0.0)
+    return json.dumps({"index": index, "data": point, "createdAt": created}) + "\n"
+
+
+def track_line(ts: float, fields: dict[str, Any]) -> str:
+    """A track line: ``{"timestamp": ts, <dot-flattened fields>}``."""
+    return json.dumps({"timestamp": ts, **fields}) + "\n"
+
+
+def log_line(seq: int, t: float, level: str, message: str, metadata: dict[str, Any] | None) -> str:
+    """A log line: ``{"sequenceNumber", "timestamp", "level", "message"[, "metadata"]}``."""
+    entry: dict[str, Any] = {"sequenceNumber": seq, "timestamp": iso(t), "level": level, "message": message}
+    if metadata:
+        entry["metadata"] = metadata
+    return json.dumps(entry) + "\n"
+
+
+@contextlib.contextmanager
+def locked(lock_path: str) -> Iterator[None]:
+    """Hold ML-Dash's ``flock`` on ``lock_path`` (created if missing) for the block."""
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``text`` via a temporary file and ``rename``; readers never see half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a created or renamed entry survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value, or None if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def count_lines(path: str) -> tuple[int, int]:
+    """``(complete lines, size in bytes up to the end of the last complete line)`` of a file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0, 0
+    end = data.rfind(b"\n") + 1
+    return data.count(b"\n", 0, end), end
+
+
+def first_last_ts(path: str, size: int) -> tuple[float | None, float | None]:
+    """Timestamps of the first and last line of a track file (None, None if it is empty)."""
+    if size == 0:
+        return None, None
+    with open(path, "rb") as f:
+        first = json.loads(f.readline())["timestamp"]
+        chunk = 4096
+        while True:
+            f.seek(max(0, size - chunk))
+            lines = f.read(size - max(0, size - chunk)).rstrip(b"\n").split(b"\n")
+            if len(lines) > 1 or chunk >= size:
+                return first, json.loads(lines[-1])["timestamp"]
+            chunk *= 4
+
+
+def tail_rows(path: str, size: int, min_ts: float) -> tuple[int, list[tuple[float, dict[str, Any]]]]:
+    """Rows of a sorted track file from the first with ``timestamp >= min_ts``, and its offset.
+
+    Reads backwards from ``size`` in growing chunks, so a late entry near the end costs
+    only the tail, not the whole file.
+    """
+    chunk = 64 * 1024
+    with open(path, "rb") as f:
+        while True:
+            start = max(0, size - chunk)
+            f.seek(start)
+            data = f.read(size - start)
+            lines = data.split(b"\n")
+            if start > 0:
+                first_partial = len(lines[0]) + 1
+                lines = lines[1:]
+                base = start + first_partial
+            else:
+                base = 0
+            rows: list[tuple[float, dict[str, Any]]] = []
+            offsets: list[int] = []
+            pos = base
+            for line in lines:
+                if line:
+                    entry = json.loads(line)
+                    ts = entry.pop("timestamp")
+                    rows.append((ts, entry))
+                    offsets.append(pos)
+                pos += len(line) + 1
+            cut = 0
+            while cut < len(rows) and rows[cut][0] < min_ts:
+                cut += 1
+            if cut > 0 or start == 0:
+                return (offsets[cut] if cut < len(rows) else size), rows[cut:]
+            chunk *= 4

@@ -1,0 +1,81 @@
+"""dashcar's wire contract: frame kinds, encode/decode, limits and the layout's naming rules."""
+
+from __future__ import annotations
+
+from ._constants import AGENT_LOCK as AGENT_LOCK
+from ._constants import CONTROL_SOCKET as CONTROL_SOCKET
+from ._constants import INGEST_SOCKET as INGEST_SOCKET
+from ._constants import LOG_LEVELS as LOG_LEVELS
+from ._constants import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._constants import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._constants import SPAWN_LOCK as SPAWN_LOCK
+from ._errors import ConfigError as ConfigError
+from ._errors import DashcarError as DashcarError
+from ._errors import DecodeError as DecodeError
+from ._errors import FrameTooLarge as FrameTooLarge
+from ._errors import InvalidName as InvalidName
+from ._errors import ProtocolError as ProtocolError
+from ._errors import UnsupportedVersion as UnsupportedVersion
+from ._frames import RUN_STATUSES as RUN_STATUSES
+from ._frames import Flush as Flush
+from ._frames import Frame as Frame
+from ._frames import Kind as Kind
+from ._frames import Log as Log
+from ._frames import Metric as Metric
+from ._frames import Params as Params
+from ._frames import ProducerGone as ProducerGone
+from ._frames import RunClose as RunClose
+from ._frames import RunOpen as RunOpen
+from ._frames import Track as Track
+from ._frames import decode as decode
+from ._frames import encode as encode
+from ._frames import frame_head as frame_head
+from ._names import check_prefix as check_prefix
+from ._paths import ensure_private_dir as ensure_private_dir
+from ._paths import runtime_dir as runtime_dir
+from ._paths import state_dir as state_dir
+from ._names import check_root as check_root
+from ._names import metric_dir_parts as metric_dir_parts
+from ._names import run_dir as run_dir
+from ._names import split_name as split_name
+from ._names import track_dir_name as track_dir_name
+
+__all__ = [
+    "AGENT_LOCK",
+    "CONTROL_SOCKET",
+    "INGEST_SOCKET",
+    "LOG_LEVELS",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "RUN_STATUSES",
+    "SPAWN_LOCK",
+    "ConfigError",
+    "DashcarError",
+    "DecodeError",
+    "Flush",
+    "Frame",
+    "FrameTooLarge",
+    "InvalidName",
+    "Kind",
+    "Log",
+    "Metric",
+    "Params",
+    "ProducerGone",
+    "ProtocolError",
+    "RunClose",
+    "RunOpen",
+    "Track",
+    "UnsupportedVersion",
+    "check_prefix",
+    "check_root",
+    "decode",
+    "encode",
+    "ensure_private_dir",
+    "frame_head",
+    "metric_dir_parts",
+    "run_dir",
+    "runtime_dir",
+    "split_name",
+    "state_dir",
+    "track_dir_name",
+]

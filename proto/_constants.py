@@ -1,0 +1,28 @@
+"""The one place for every fact both sides of the wire must agree on."""
+
+from __future__ import annotations
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+"""Major version of the frame format; a frame with another major is refused."""
+
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+"""Largest frame the agent accepts and the SDK sends (a larger one is a caller error)."""
+
+MAX_NAME_BYTES: Final = 255
+"""Longest single path component a prefix, topic or metric name may produce."""
+
+MAX_NAME_PARTS: Final = 32
+"""Deepest nesting a prefix, topic or metric name may have."""
+
+MAX_CONTAINER_LEN: Final = 1_000_000
+"""Most elements one msgpack array or map in a frame may hold."""
+
+INGEST_SOCKET: Final = "ingest.sock"
+CONTROL_SOCKET: Final = "control.sock"
+AGENT_LOCK: Final = "agent.lock"
+SPAWN_LOCK: Final = "spawn.lock"
+
+LOG_LEVELS: Final = ("debug", "info", "warn", "error", "fatal")
+"""Log levels in ML-Dash order; ``warning`` and ``critical`` are accepted as aliases by the SDK."""

@@ -1,0 +1,274 @@
+"""Frames: the unit the SDK sends and the agent stores, and their encoding.
+
+A frame is one ZeroMQ message holding one msgpack array::
+
+    [version, kind, sid, pid, root, prefix, seq, payload]
+
+- ``version`` is ``PROTOCOL_VERSION``; it is checked before anything else.
+- ``sid`` is a random 63-bit producer id, one per (process, thread) socket, renewed after
+  ``fork()``; ``seq`` starts at 1 and rises by one per frame the producer handed to ZeroMQ,
+  so a gap seen by the agent is a frame lost after it left the producer.
+- ``pid`` is the producing process, watched by the agent to close runs of dead producers.
+- ``root`` and ``prefix`` name the run (its directory is ``root/prefix``), so every frame is
+  self-describing: a forked child or a producer whose ``RUN_OPEN`` was lost still lands.
+- ``payload`` depends on ``kind`` (see the dataclasses below).
+
+The first seven elements of a producer's frames for one run and kind never change, so the
+SDK packs them once (``frame_head``) and per call packs only ``seq`` and the payload.
+``decode`` never trusts its input: sizes are bounded, binary and extension types are refused
+(every value is then a JSON value), and any failure surfaces as a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgpack
+
+from ._constants import MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
+from ._errors import DecodeError, FrameTooLarge, UnsupportedVersion
+from ._names import check_prefix, check_root, metric_dir_parts, track_dir_name
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds of protocol v1; values from ``FIRST_INTERNAL_KIND`` never cross the wire."""
+
+    RUN_OPEN = 1
+    PARAMS = 2
+    METRIC = 3
+    TRACK = 4
+    LOG = 5
+    FLUSH = 6
+    RUN_CLOSE = 7
+    PRODUCER_GONE = 64
+
+
+FIRST_INTERNAL_KIND = 64
+
+
+RUN_STATUSES = ("completed", "failed", "cancelled", "crashed")
+
+
+@dataclass(frozen=True, slots=True)
+class RunOpen:
+    """A producer starts (or re-attaches to) a run; ``info`` lands in ``experiment.json``."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """Parameters to merge into ``parameters.json`` (nested dicts, flattened by the agent)."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One or more points of one metric (``name`` None is the unnamed metric)."""
+
+    name: str | None
+    points: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """One track entry; entries of a topic with an equal ``ts`` merge into one row."""
+
+    topic: str
+    ts: float
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """One log line; ``time`` is the producer's wall clock in seconds."""
+
+    message: str
+    level: str
+    time: float
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Barrier: settle and write everything this producer sent before it, then acknowledge."""
+
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunClose:
+    """The producer is done with the run; ``dropped`` is its count of frames it could not send."""
+
+    status: str
+    reason: str | None
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerGone:
+    """Written by the agent itself: the producer process ended without closing its runs."""
+
+    dropped: int
+
+
+Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, ProducerGone]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded, validated frame."""
+
+    kind: Kind
+    sid: int
+    pid: int
+    root: str
+    prefix: str
+    seq: int
+    payload: Payload
+
+
+def frame_head(kind: int, sid: int, pid: int, root: str, prefix: str) -> bytes:
+    """The packed, constant first part of every frame with these identities."""
+    pack = msgpack.packb
+    return b"\x98" + pack(PROTOCOL_VERSION) + pack(kind) + pack(sid) + pack(pid) + pack(root) + pack(prefix)
+
+
+def _wire_payload(payload: Payload) -> object:
+    if isinstance(payload, RunOpen):
+        return payload.info
+    if isinstance(payload, Params):
+        return payload.data
+    if isinstance(payload, Metric):
+        return [payload.name, payload.points]
+    if isinstance(payload, Track):
+        return [payload.topic, payload.ts, payload.fields]
+    if isinstance(payload, Log):
+        return [payload.message, payload.level, payload.time, payload.metadata]
+    if isinstance(payload, Flush):
+        return [payload.dropped]
+    if isinstance(payload, RunClose):
+        return [payload.status, payload.reason, payload.dropped]
+    return [payload.dropped]
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode a frame exactly as the SDK's hot path does."""
+    head = frame_head(frame.kind, frame.sid, frame.pid, frame.root, frame.prefix)
+    return head + msgpack.packb(frame.seq) + msgpack.packb(_wire_payload(frame.payload))
+
+
+_UNPACK_LIMITS = dict(
+    max_str_len=MAX_FRAME_BYTES,
+    max_bin_len=0,
+    max_ext_len=0,
+    max_array_len=MAX_CONTAINER_LEN,
+    max_map_len=MAX_CONTAINER_LEN,
+)
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise DecodeError(f"{what} must be an int in [{lo}, {hi}]")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise DecodeError(f"{what} must be a str")
+    return value
+
+
+def _map(value: object, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise DecodeError(f"{what} must be a map")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if type(value) is float and math.isfinite(value):
+        return value
+    if type(value) is int:
+        return float(value)
+    raise DecodeError(f"{what} must be a finite number")
+
+
+def _list(value: object, n: int, what: str) -> list[Any]:
+    if type(value) is not list or len(value) != n:
+        raise DecodeError(f"{what} must be an array of {n}")
+    return value
+
+
+def _payload(kind: Kind, raw: object) -> Payload:
+    if kind is Kind.TRACK:
+        topic, ts, fields = _list(raw, 3, "track payload")
+        track_dir_name(topic)
+        return Track(topic, _number(ts, "track _ts"), _map(fields, "track fields"))
+    if kind is Kind.METRIC:
+        name, points = _list(raw, 2, "metric payload")
+        metric_dir_parts(name)
+        if type(points) is not list or not all(type(p) is dict for p in points):
+            raise DecodeError("metric points must be an array of maps")
+        return Metric(name, points)
+    if kind is Kind.LOG:
+        message, level, time, metadata = _list(raw, 4, "log payload")
+        if metadata is not None:
+            _map(metadata, "log metadata")
+        return Log(_str(message, "log message"), _str(level, "log level"), _number(time, "log time"), metadata)
+    if kind is Kind.PARAMS:
+        return Params(_map(raw, "params"))
+    if kind is Kind.RUN_OPEN:
+        return RunOpen(_map(raw, "run info"))
+    if kind is Kind.FLUSH:
+        (dropped,) = _list(raw, 1, "flush payload")
+        return Flush(_int(dropped, "dropped"))
+    if kind is Kind.RUN_CLOSE:
+        status, reason, dropped = _list(raw, 3, "close payload")
+        if status not in RUN_STATUSES:
+            raise DecodeError(f"run status must be one of {RUN_STATUSES}")
+        if reason is not None:
+            _str(reason, "close reason")
+        return RunClose(status, reason, _int(dropped, "dropped"))
+    (dropped,) = _list(raw, 1, "producer-gone payload")
+    return ProducerGone(_int(dropped, "dropped"))
+
+
+def decode(data: bytes, *, internal: bool = False) -> Frame:
+    """Decode and validate one frame; raises only ``ProtocolError`` subclasses.
+
+    :param internal: also accept the agent's own record kinds (read back from its WAL).
+    """
+    if len(data) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        raw = msgpack.unpackb(data, **_UNPACK_LIMITS)
+    except Exception as exc:
+        raise DecodeError(f"not a msgpack frame: {exc}") from exc
+    if type(raw) is not list or not raw:
+        raise DecodeError("frame must be a non-empty msgpack array")
+    if raw[0] != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"frame version {raw[0]!r}, this side speaks {PROTOCOL_VERSION}")
+    if len(raw) != 8:
+        raise DecodeError("frame must have 8 elements")
+    _, kind_raw, sid, pid, root, prefix, seq, payload = raw
+    try:
+        kind = Kind(kind_raw)
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"unknown frame kind {kind_raw!r}") from exc
+    if kind >= FIRST_INTERNAL_KIND and not internal:
+        raise DecodeError(f"frame kind {kind_raw!r} is reserved for the agent")
+    check_root(root)
+    check_prefix(prefix)
+    return Frame(
+        kind,
+        _int(sid, "sid", 1),
+        _int(pid, "pid", 1, 2**31),
+        root,
+        prefix,
+        _int(seq, "seq", 1),
+        _payload(kind, payload),
+    )

@@ -1,0 +1,62 @@
+"""Naming rules of the on-disk layout: the only place that turns names into paths.
+
+A prefix, topic or metric name is split on ``/``; every part must be a usable file name
+(non-empty, not ``.`` or ``..``, no NUL or backslash, at most ``MAX_NAME_BYTES``), so no
+name can produce a path outside the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._constants import MAX_NAME_BYTES, MAX_NAME_PARTS
+from ._errors import InvalidName
+
+
+def split_name(name: object, what: str) -> list[str]:
+    """Split a ``/``-separated name into validated parts, or raise ``InvalidName``."""
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} must be a str, got {type(name).__name__}")
+    parts = name.split("/")
+    if len(parts) > MAX_NAME_PARTS:
+        raise InvalidName(f"{what} {name!r} has more than {MAX_NAME_PARTS} parts")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidName(f"{what} {name!r} has an empty, '.' or '..' part; use names like 'a/b'")
+        if "\x00" in part or "\\" in part:
+            raise InvalidName(f"{what} {name!r} contains NUL or a backslash")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise InvalidName(f"{what} {name!r} has a part longer than {MAX_NAME_BYTES} bytes")
+    return parts
+
+
+def check_prefix(prefix: object) -> str:
+    """Validate a run prefix (``owner/project/.../name``) and return it."""
+    split_name(prefix, "run prefix")
+    return prefix  # type: ignore[return-value]
+
+
+def track_dir_name(topic: object) -> str:
+    """Directory of a track topic, as ML-Dash names it: ``robot/state`` → ``robot_state``."""
+    return "_".join(split_name(topic, "track topic"))
+
+
+def metric_dir_parts(name: object) -> list[str]:
+    """Path parts of a metric directory under ``metrics/``; ``None`` is the unnamed metric."""
+    if name is None:
+        return ["None"]
+    return split_name(name, "metric name")
+
+
+def check_root(root: object) -> str:
+    """Validate a data root: an absolute, normalised path without NUL."""
+    if not isinstance(root, str) or not root:
+        raise InvalidName("data root must be a non-empty str")
+    if "\x00" in root or not os.path.isabs(root) or os.path.normpath(root) != root:
+        raise InvalidName(f"data root {root!r} must be an absolute, normalised path")
+    return root
+
+
+def run_dir(root: str, prefix: str) -> str:
+    """The run directory for a validated root and prefix."""
+    return os.path.join(check_root(root), *split_name(prefix, "run prefix"))

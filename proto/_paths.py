@@ -1,0 +1,45 @@
+"""Where the agent's sockets and state live: resolved the same way by the SDK and the agent."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._errors import ConfigError
+
+
+def runtime_dir(environ: Mapping[str, str]) -> Path:
+    """``DASHCAR_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/dashcar``, else ``/tmp/dashcar-<uid>``."""
+    explicit = environ.get("DASHCAR_RUNTIME_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "dashcar"
+    return Path(f"/tmp/dashcar-{os.getuid()}")
+
+
+def state_dir(environ: Mapping[str, str]) -> Path:
+    """``DASHCAR_STATE_DIR``, else ``$XDG_STATE_HOME/dashcar``, else ``~/.local/state/dashcar``."""
+    explicit = environ.get("DASHCAR_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = environ.get("XDG_STATE_HOME")
+    if xdg:
+        return Path(xdg) / "dashcar"
+    return Path(environ.get("HOME", os.path.expanduser("~"))) / ".local" / "state" / "dashcar"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` as a 0700 directory of this user; refuse one another user owns."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a directory; remove it or set DASHCAR_RUNTIME_DIR")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by you; set DASHCAR_RUNTIME_DIR to a dir of yours")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,98 @@
+"""Finding the agent: its runtime directory, the control client, and auto-spawn.
+
+The agent holds an exclusive ``flock`` on ``agent.lock`` in its runtime directory for as
+long as it lives, so "is an agent there?" is a non-blocking lock probe, not a network
+round trip. Spawning is serialised by ``spawn.lock``: of ten processes starting at once,
+the first spawns and waits until the new agent holds its lock; the others then see it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from dashcar.proto import AGENT_LOCK, CONTROL_SOCKET, SPAWN_LOCK, ensure_private_dir, state_dir
+
+log = logging.getLogger("dashcar")
+
+SPAWN_WAIT_S = 10.0
+
+
+def agent_running(runtime_dir: Path) -> bool:
+    """True if a live agent holds the lock of ``runtime_dir``."""
+    try:
+        fd = os.open(runtime_dir / AGENT_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def ensure_agent(runtime_dir: Path, environ: Mapping[str, str]) -> bool:
+    """Start a detached agent for ``runtime_dir`` unless one runs; True if one runs afterwards."""
+    if agent_running(runtime_dir):
+        return True
+    ensure_private_dir(runtime_dir)
+    fd = os.open(runtime_dir / SPAWN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if agent_running(runtime_dir):
+            return True
+        _spawn(runtime_dir, environ)
+        deadline = time.monotonic() + SPAWN_WAIT_S
+        while time.monotonic() < deadline:
+            if agent_running(runtime_dir):
+                return True
+            time.sleep(0.005)
+        log.warning("dashcar: the agent spawned for %s did not come up within %.0f s", runtime_dir, SPAWN_WAIT_S)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _spawn(runtime_dir: Path, environ: Mapping[str, str]) -> None:
+    """Start ``python -m dashcar.agent --detach``; it double-forks, so it is nobody's child."""
+    logdir = ensure_private_dir(state_dir(environ))
+    with open(logdir / "agent.log", "ab") as errlog:
+        subprocess.run(
+            [sys.executable, "-m", "dashcar.agent", "--detach", "--runtime-dir", str(runtime_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errlog,
+            close_fds=True,
+            start_new_session=True,
+            env=dict(environ),
+            check=False,
+            timeout=SPAWN_WAIT_S,
+        )
+
+
+def request(runtime_dir: Path, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+    """One control request; the reply, or None if no agent answered within ``timeout_s``."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"ipc://{runtime_dir / CONTROL_SOCKET}")
+        sock.send(msgpack.packb(message))
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = msgpack.unpackb(sock.recv())
+        return reply if isinstance(reply, dict) else None
+    finally:
+        sock.close()

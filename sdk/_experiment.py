@@ -1,0 +1,379 @@
+"""Experiment and its builders: the ML-Dash API, turned into frames on the hot path.
+
+Every logging call validates what only the caller can fix (``_ts``, names, levels), packs one
+frame and hands it to this thread's PUSH socket without blocking. Nothing is buffered in
+this process beyond ZeroMQ's bounded queue, so ``kill -9`` of the training process loses at
+most what had not yet left that queue, and the agent counts it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from dashcar.proto import LOG_LEVELS, Kind, check_prefix, metric_dir_parts, runtime_dir, track_dir_name
+
+from . import _agent, _transport
+
+log = logging.getLogger("dashcar")
+
+FLUSH_TIMEOUT_S = 5.0
+_MISSING: Any = object()
+_LEVEL_ALIASES = {"warning": "warn", "critical": "fatal"}
+
+
+def check_ts(ts: object) -> float:
+    """Validate a track timestamp: a finite real number, not a bool; else ``ValueError``."""
+    t = type(ts)
+    if t is float:
+        if math.isfinite(ts):  # type: ignore[arg-type]
+            return ts  # type: ignore[return-value]
+    elif t is int:
+        return float(ts)  # type: ignore[arg-type]
+    elif ts is _MISSING:
+        raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
+    elif t is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
+        value = float(ts)  # type: ignore[arg-type]
+        if math.isfinite(value):
+            return value
+    raise ValueError(f"_ts must be a finite number (not bool, NaN or inf), got {ts!r}")
+
+
+class RunContext:
+    """``exp.run``: a context manager plus ``start/complete/fail/cancel``."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self._exp = exp
+
+    def start(self) -> Experiment:
+        """Open the run (idempotent) and return the experiment."""
+        return self._exp.start()
+
+    def complete(self) -> None:
+        """Close the run as completed."""
+        self._exp.complete()
+
+    def fail(self, reason: str | None = None) -> None:
+        """Close the run as failed."""
+        self._exp.fail(reason)
+
+    def cancel(self) -> None:
+        """Close the run as cancelled."""
+        self._exp.cancel()
+
+    def __enter__(self) -> Experiment:
+        return self._exp.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._exp._close_for(ev)
+
+
+class ParamsBuilder:
+    """``exp.params``: nested dicts are flattened with dots and merged by the agent."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self._exp = exp
+
+    def set(self, **params: Any) -> ParamsBuilder:
+        """Merge ``params`` into the run's parameters."""
+        self._exp._emit(Kind.PARAMS, params)
+        return self
+
+    log = set
+
+
+class MetricBuilder:
+    """``exp.metrics("name")``: an index-based series; the agent assigns indexes."""
+
+    __slots__ = ("_exp", "_name")
+
+    def __init__(self, exp: Experiment, name: str | None) -> None:
+        metric_dir_parts(name)
+        self._exp = exp
+        self._name = name
+
+    def log(self, _ts: Any = None, **fields: Any) -> MetricBuilder:
+        """Append one point; ``_ts`` defaults to now and is stored inside the point."""
+        fields["_ts"] = time.time() if _ts is None else self._exp._resolve_ts(_ts)
+        self._exp._emit(Kind.METRIC, (self._name, (fields,)))
+        return self
+
+    append = log
+
+    def flush(self) -> MetricBuilder:
+        """Barrier: return once the agent has written what this thread sent."""
+        self._exp.flush()
+        return self
+
+
+class MetricsManager:
+    """``exp.metrics``: call it for a named metric; ``log`` writes to the unnamed one."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self._exp = exp
+        self._builders: dict[str | None, MetricBuilder] = {}
+
+    def __call__(self, name: str | None = None) -> MetricBuilder:
+        builder = self._builders.get(name)
+        if builder is None:
+            builder = self._builders[name] = MetricBuilder(self._exp, name)
+        return builder
+
+    def log(self, _ts: Any = None, **fields: Any) -> MetricsManager:
+        """Scalars go to the unnamed metric; each dict value to its own metric, with the scalars."""
+        ts = time.time() if _ts is None else self._exp._resolve_ts(_ts)
+        scalars = {k: v for k, v in fields.items() if not isinstance(v, dict)}
+        groups = {k: v for k, v in fields.items() if isinstance(v, dict)}
+        if scalars:
+            self(None).log(_ts=ts, **scalars)
+        for name, values in groups.items():
+            self(name).log(_ts=ts, **{**scalars, **values})
+        return self
+
+    def flush(self) -> MetricsManager:
+        """Barrier: return once the agent has written what this thread sent."""
+        self._exp.flush()
+        return self
+
+
+class TrackBuilder:
+    """``exp.tracks("topic")``: timestamped rows; equal ``_ts`` entries merge into one row."""
+
+    __slots__ = ("_exp", "_topic")
+
+    def __init__(self, exp: Experiment, topic: str) -> None:
+        track_dir_name(topic)
+        self._exp = exp
+        self._topic = topic
+
+    def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
+        """Append one entry at ``_ts`` (seconds; ``-1`` reuses this thread's previous ``_ts``)."""
+        if "timestamp" in fields:
+            raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
+        self._exp._emit(Kind.TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
+        return self
+
+    def flush(self) -> TrackBuilder:
+        """Barrier: settle and write this thread's rows, then return."""
+        self._exp.flush()
+        return self
+
+
+class TracksManager:
+    """``exp.tracks``: call it for a topic's builder; ``flush()`` settles all topics."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self._exp = exp
+        self._builders: dict[str, TrackBuilder] = {}
+
+    def __call__(self, topic: str) -> TrackBuilder:
+        builder = self._builders.get(topic)
+        if builder is None:
+            builder = self._builders[topic] = TrackBuilder(self._exp, topic)
+        return builder
+
+    def flush(self) -> TracksManager:
+        """Barrier: settle and write every topic this thread sent to, then return."""
+        self._exp.flush()
+        return self
+
+
+_open_experiments: set[Experiment] = set()
+_open_lock = threading.Lock()
+
+
+class Experiment:
+    """One run: ``Experiment(prefix="owner/project/name", dash_root=".dash")``.
+
+    The seed spelling ``Experiment(name=..., project=..., local_path=...)`` stores the run at
+    ``<local_path>/<project>/<name>``. Logging never blocks: frames go to the local agent,
+    which stores them durably and writes the ML-Dash layout under ``dash_root``.
+    """
+
+    def __init__(
+        self,
+        prefix: str | None = None,
+        *,
+        dash_root: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        project: str | None = None,
+        local_path: str | os.PathLike[str] | None = None,
+        description: str | None = None,
+        tags: list[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if prefix is None:
+            if name is None:
+                raise ValueError("Experiment needs prefix='owner/project/name' or name=... (with project=...)")
+            owner_project = project if project is not None else f"{_user()}/scratch"
+            prefix = f"{owner_project}/{name}"
+        self.prefix: str = check_prefix(prefix.strip("/"))
+        parts = self.prefix.split("/")
+        self.name = parts[-1]
+        self.project = parts[1] if len(parts) > 2 else parts[0]
+        root = dash_root if dash_root is not None else (local_path if local_path is not None else ".dash")
+        self.dash_root: str = os.path.normpath(os.path.abspath(os.fspath(root)))
+        self.description = description
+        self.tags = list(tags) if tags else []
+        self.metadata = dict(metadata) if metadata else None
+        self._runtime_dir_arg = runtime_dir
+        self._runtime_dir: Path | None = None
+        self._transport: _transport.Transport | None = None
+        self._owner_pid = 0
+        self._open = False
+        self._tls = threading.local()
+        self.run = RunContext(self)
+        self.params = ParamsBuilder(self)
+        self.metrics = MetricsManager(self)
+        self.tracks = TracksManager(self)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the agent writes this run's files."""
+        return Path(self.dash_root, *self.prefix.split("/"))
+
+    def start(self) -> Experiment:
+        """Find (or spawn) the agent and open the run; logging before this opens it implicitly."""
+        if self._open:
+            return self
+        env = os.environ
+        rd = Path(self._runtime_dir_arg) if self._runtime_dir_arg is not None else runtime_dir(env)
+        self._runtime_dir = rd
+        if env.get("DASHCAR_AUTOSPAWN", "1") != "0":
+            _agent.ensure_agent(rd, env)
+        self._transport = _transport.get_transport(rd)
+        self._owner_pid = os.getpid()
+        self._open = True
+        with _open_lock:
+            if not _open_experiments:
+                atexit.register(_close_at_exit)
+            _open_experiments.add(self)
+        info = {
+            "name": self.name,
+            "project": self.project,
+            "prefix": self.prefix,
+            "description": self.description,
+            "tags": self.tags,
+            "metadata": self.metadata,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": list(sys.argv),
+            "started_at": time.time(),
+        }
+        self._emit(Kind.RUN_OPEN, info)
+        return self
+
+    def complete(self) -> None:
+        """Close the run as completed (waits for the agent to write it, bounded)."""
+        self._close("completed", None)
+
+    def fail(self, reason: str | None = None) -> None:
+        """Close the run as failed, with an optional reason."""
+        self._close("failed", reason)
+
+    def cancel(self) -> None:
+        """Close the run as cancelled."""
+        self._close("cancelled", None)
+
+    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> Experiment:
+        """Write one log line; ``level`` is one of debug, info, warn, error, fatal."""
+        lvl = _LEVEL_ALIASES.get(level, level)
+        if lvl not in LOG_LEVELS:
+            raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+        meta = {**metadata, **extra} if metadata is not None else (extra or None)
+        self._emit(Kind.LOG, (str(message), lvl, time.time(), meta))
+        return self
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Barrier: True once the agent has written everything this thread sent before it."""
+        if not self._open:
+            return True
+        t = self._live_transport()
+        p = t.producer()
+        seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),))
+        if seq == 0:
+            log.warning("dashcar: flush of %s could not be sent (queue full or agent unreachable)", self.prefix)
+            return False
+        assert self._runtime_dir is not None
+        reply = _agent.request(
+            self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": timeout_s}, timeout_s + 0.5
+        )
+        if reply is None or not reply.get("ok"):
+            log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
+            return False
+        return True
+
+    def _resolve_ts(self, ts: Any) -> float:
+        if ts == -1 and type(ts) is not bool:
+            last: float | None = getattr(self._tls, "last_ts", None)
+            if last is None:
+                raise ValueError("_ts=-1 reuses this thread's previous timestamp, but there is none yet")
+            return last
+        value = check_ts(ts)
+        self._tls.last_ts = value
+        return value
+
+    def _live_transport(self) -> _transport.Transport:
+        t = self._transport
+        if t is None:
+            self.start()
+            t = self._transport
+            assert t is not None
+        if t.stale:
+            assert self._runtime_dir is not None
+            t = self._transport = _transport.get_transport(self._runtime_dir)
+        return t
+
+    def _emit(self, kind: int, payload: object) -> int:
+        t = self._transport
+        if t is None or t.stale:
+            t = self._live_transport()
+        return t.producer().send(kind, self.dash_root, self.prefix, payload)
+
+    def _close_for(self, exc: BaseException | None) -> None:
+        if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            self._close("completed", None)
+        elif isinstance(exc, KeyboardInterrupt):
+            self._close("cancelled", "KeyboardInterrupt")
+        else:
+            self._close("failed", f"{type(exc).__name__}: {exc}")
+
+    def _close(self, status: str, reason: str | None) -> None:
+        if not self._open:
+            return
+        if os.getpid() == self._owner_pid:
+            self._emit(Kind.RUN_CLOSE, (status, reason, self._live_transport().dropped()))
+        self.flush()
+        self._open = False
+        with _open_lock:
+            _open_experiments.discard(self)
+
+    def __repr__(self) -> str:
+        return f"Experiment(prefix={self.prefix!r}, dash_root={self.dash_root!r})"
+
+
+def _close_at_exit() -> None:
+    """Close runs left open at interpreter exit: failed if an exception is ending it."""
+    with _open_lock:
+        pending = [e for e in _open_experiments if e._owner_pid == os.getpid()]
+    failed = getattr(sys, "last_value", None)
+    for exp in pending:
+        if failed is not None:
+            exp._close("failed", f"{type(failed).__name__}: {failed}")
+        else:
+            exp._close("completed", None)
+
+
+def _user() -> str:
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or "local"

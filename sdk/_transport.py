@@ -1,0 +1,167 @@
+"""The hot path: one PUSH socket per (process, thread), never blocking, counting every drop.
+
+Each producer packs a frame from its cached constant head, the next sequence number and the
+payload, and hands it to ZeroMQ with ``NOBLOCK``. A full queue (the agent slow, down or
+absent past ``SNDHWM`` frames) raises ``zmq.Again``: the frame is dropped and counted, and
+its sequence number is not used, so the agent's gap count measures only frames lost after
+they left this process. After ``fork()`` the child leaves the inherited context alone and
+builds its own producers with fresh ids (pyzmq's ``Context.instance()`` rule).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, frame_head
+
+log = logging.getLogger("dashcar")
+
+SNDHWM_DEFAULT = 100_000
+LINGER_MS_DEFAULT = 1000
+DROP_REPORT_INTERVAL_S = 10.0
+
+
+def _default(obj: Any) -> Any:
+    """Pack numpy arrays and scalars (and anything with ``tolist``) as plain values."""
+    tolist = getattr(obj, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"cannot log a value of type {type(obj).__name__}; use numbers, str, lists or dicts")
+
+
+class Producer:
+    """One thread's PUSH socket, producer id, sequence counter and drop counter."""
+
+    __slots__ = ("sock", "sid", "pid", "seq", "dropped", "_heads", "_packer", "_last_report")
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, sndhwm: int, linger_ms: int) -> None:
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.sock.connect(endpoint)
+        self.sid = secrets.randbits(63) or 1
+        self.pid = os.getpid()
+        self.seq = 0
+        self.dropped = 0
+        self._heads: dict[tuple[int, str, str], bytes] = {}
+        self._packer = msgpack.Packer(default=_default)
+        self._last_report = 0.0
+
+    def send(self, kind: int, root: str, prefix: str, payload: object) -> int:
+        """Send one frame; returns its sequence number, or 0 if it was dropped."""
+        key = (kind, root, prefix)
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = frame_head(kind, self.sid, self.pid, root, prefix)
+        seq = self.seq + 1
+        pack = self._packer.pack
+        data = head + pack(seq) + pack(payload)
+        if len(data) > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self._drop()
+            return 0
+        self.seq = seq
+        return seq
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_report >= DROP_REPORT_INTERVAL_S:
+            self._last_report = now
+            log.warning("dashcar: send queue full or agent unreachable; %d frames dropped so far", self.dropped)
+
+
+class Transport:
+    """The process-wide set of producers for one runtime directory."""
+
+    def __init__(self, runtime_dir: Path, sndhwm: int = SNDHWM_DEFAULT, linger_ms: int = LINGER_MS_DEFAULT) -> None:
+        self.runtime_dir = runtime_dir
+        self.endpoint = f"ipc://{runtime_dir / INGEST_SOCKET}"
+        self.sndhwm = sndhwm
+        self.linger_ms = linger_ms
+        self.pid = os.getpid()
+        self.stale = False
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._local = threading.local()
+        self._producers: list[Producer] = []
+        self._lock = threading.Lock()
+
+    def producer(self) -> Producer:
+        """This thread's producer, created on first use."""
+        p: Producer | None = getattr(self._local, "p", None)
+        if p is None:
+            p = Producer(self.ctx, self.endpoint, self.sndhwm, self.linger_ms)
+            self._local.p = p
+            with self._lock:
+                self._producers.append(p)
+        return p
+
+    def dropped(self) -> int:
+        """Frames this process dropped (all threads)."""
+        with self._lock:
+            return sum(p.dropped for p in self._producers)
+
+    def close(self) -> None:
+        """Give queued frames up to ``linger_ms`` to leave, then release the context."""
+        if self.pid != os.getpid():
+            return
+        with self._lock:
+            producers, self._producers = self._producers, []
+        for p in producers:
+            p.sock.close(linger=self.linger_ms)
+        self.ctx.term()
+
+
+_transports: dict[Path, Transport] = {}
+_transports_lock = threading.Lock()
+_hooks_installed = False
+
+
+def get_transport(runtime_dir: Path) -> Transport:
+    """The transport of this process for ``runtime_dir``, created on first use."""
+    global _hooks_installed
+    with _transports_lock:
+        if not _hooks_installed:
+            os.register_at_fork(after_in_child=reset)
+            atexit.register(_close_all)
+            _hooks_installed = True
+        t = _transports.get(runtime_dir)
+        if t is None:
+            t = _transports[runtime_dir] = Transport(runtime_dir, *_limits_from_env())
+        return t
+
+
+def _limits_from_env() -> tuple[int, int]:
+    env = os.environ
+    return int(env.get("DASHCAR_SNDHWM", SNDHWM_DEFAULT)), int(env.get("DASHCAR_LINGER_MS", LINGER_MS_DEFAULT))
+
+
+def reset() -> None:
+    """Forget every transport without touching its sockets (after fork, and for tests)."""
+    global _transports_lock
+    for t in _transports.values():
+        t.stale = True
+    _transports.clear()
+    _transports_lock = threading.Lock()
+
+
+def _close_all() -> None:
+    with _transports_lock:
+        transports = list(_transports.values())
+        _transports.clear()
+    for t in transports:
+        t.close()
+
