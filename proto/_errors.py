@@ -4,7 +4,7 @@
 
     DashcarError
     ├── ProtocolError ── DecodeError, UnsupportedVersion, FrameTooLarge,
-    │                    InvalidName (also a ValueError)                   (proto)
+    │                    InvalidName (a ValueError too)                    (proto)
     ├── ConfigError                                                        (sdk, agent)
     ├── WALError ── WALFull, WALCorrupt                                    (agent)
     └── SinkError ── SinkRetryable, SinkRejected                           (agent)

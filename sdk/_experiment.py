@@ -349,12 +349,13 @@ class Experiment:
         else:
             self._close("failed", f"{type(exc).__name__}: {exc}")
 
-    def _close(self, status: str, reason: str | None) -> None:
+    def _close(self, status: str, reason: str | None, *, wait: bool = True) -> None:
         if not self._open:
             return
         if os.getpid() == self._owner_pid:
             self._emit(Kind.RUN_CLOSE, (status, reason, self._live_transport().dropped()))
-        self.flush()
+        if wait:
+            self.flush()
         self._open = False
         with _open_lock:
             _open_experiments.discard(self)
@@ -364,15 +365,18 @@ class Experiment:
 
 
 def _close_at_exit() -> None:
-    """Close runs left open at interpreter exit: failed if an exception is ending it."""
+    """Close runs left open at interpreter exit: failed if an exception is ending it.
+
+    No barrier here: the frames leave within the socket linger, and exit must not wait on an agent.
+    """
     with _open_lock:
         pending = [e for e in _open_experiments if e._owner_pid == os.getpid()]
     failed = getattr(sys, "last_value", None)
     for exp in pending:
         if failed is not None:
-            exp._close("failed", f"{type(failed).__name__}: {failed}")
+            exp._close("failed", f"{type(failed).__name__}: {failed}", wait=False)
         else:
-            exp._close("completed", None)
+            exp._close("completed", None, wait=False)
 
 
 def _user() -> str:

@@ -136,7 +136,7 @@ def get_transport(runtime_dir: Path) -> Transport:
     with _transports_lock:
         if not _hooks_installed:
             os.register_at_fork(after_in_child=reset)
-            atexit.register(_close_all)
+            atexit.register(close_all)
             _hooks_installed = True
         t = _transports.get(runtime_dir)
         if t is None:
@@ -158,10 +158,12 @@ def reset() -> None:
     _transports_lock = threading.Lock()
 
 
-def _close_all() -> None:
+def close_all() -> None:
+    """Close every transport of this process, giving queued frames ``linger_ms`` to leave."""
     with _transports_lock:
         transports = list(_transports.values())
         _transports.clear()
     for t in transports:
+        t.stale = True
         t.close()
 

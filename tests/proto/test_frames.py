@@ -1,0 +1,121 @@
+"""The wire contract: every kind round-trips; arbitrary bytes fail only with ProtocolError."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dashcar import proto
+from dashcar.proto import (
+    DecodeError, Flush, Frame, FrameTooLarge, InvalidName, Kind, Log, Metric, Params, ProducerGone, ProtocolError,
+    RunClose, RunOpen, Track, UnsupportedVersion, decode, encode,
+)
+
+ROOT, PREFIX = "/data/.dash", "alice/robotics/run1"
+
+PAYLOADS = [
+    (Kind.RUN_OPEN, RunOpen({"name": "run1", "host": "h", "argv": ["train.py"], "started_at": 1.5})),
+    (Kind.PARAMS, Params({"lr": 0.001, "model": {"depth": 50}})),
+    (Kind.METRIC, Metric("train", [{"loss": 0.5, "_ts": 1.0}, {"loss": 0.4, "_ts": 2.0}])),
+    (Kind.METRIC, Metric(None, [{"epoch": 1, "_ts": 1.0}])),
+    (Kind.TRACK, Track("robot/state", 1.25, {"q": [0.1, 0.2], "g": {"pos": 0.04}})),
+    (Kind.LOG, Log("hello", "info", 123.5, {"k": 1})),
+    (Kind.LOG, Log("bare", "warn", 1.0, None)),
+    (Kind.FLUSH, Flush(3)),
+    (Kind.RUN_CLOSE, RunClose("failed", "ValueError: x", 0)),
+]
+
+
+@pytest.mark.parametrize(("kind", "payload"), PAYLOADS, ids=[f"{k.name}-{i}" for i, (k, _) in enumerate(PAYLOADS)])
+def test_every_kind_round_trips(kind: Kind, payload: object) -> None:
+    frame = Frame(kind, 0x1234, 4321, ROOT, PREFIX, 7, payload)  # type: ignore[arg-type]
+    assert decode(encode(frame)) == frame
+
+
+def test_internal_kinds_are_refused_from_the_wire() -> None:
+    frame = Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 1, ProducerGone(0))
+    with pytest.raises(DecodeError):
+        decode(encode(frame))
+    assert decode(encode(frame), internal=True) == frame
+
+
+def test_wrong_version_is_unsupported() -> None:
+    raw = msgpack.packb([99, Kind.FLUSH, 1, 2, ROOT, PREFIX, 1, [0]])
+    with pytest.raises(UnsupportedVersion):
+        decode(raw)
+
+
+def test_oversized_frame_is_refused() -> None:
+    frame = Frame(Kind.LOG, 1, 2, ROOT, PREFIX, 1, Log("x" * proto.MAX_FRAME_BYTES, "info", 1.0, None))
+    with pytest.raises(FrameTooLarge):
+        decode(encode(frame))
+
+
+@pytest.mark.parametrize(
+    ("root", "prefix"),
+    [("relative/root", PREFIX), ("/a/../b", PREFIX), ("/ok", "../escape"), ("/ok", "/abs"), ("/ok", "a//b"),
+     ("/ok", "a/\x00/b"), ("/ok", "")],
+)
+def test_hostile_run_names_are_refused(root: str, prefix: str) -> None:
+    raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.FLUSH, 1, 2, root, prefix, 1, [0]])
+    with pytest.raises(ProtocolError):
+        decode(raw)
+
+
+@pytest.mark.parametrize("topic", ["..", "a/../../b", "", "a//b", "x\x00y", "/abs"])
+def test_hostile_topics_are_refused(topic: str) -> None:
+    raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.TRACK, 1, 2, ROOT, PREFIX, 1, [topic, 1.0, {}]])
+    with pytest.raises(InvalidName):
+        decode(raw)
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), "1.0", None, True])
+def test_non_numeric_track_ts_is_refused(ts: object) -> None:
+    raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.TRACK, 1, 2, ROOT, PREFIX, 1, ["t", ts, {}]])
+    with pytest.raises(DecodeError):
+        decode(raw)
+
+
+def test_binary_and_extension_values_are_refused() -> None:
+    for value in (b"raw-bytes", msgpack.ExtType(5, b"x")):
+        raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.TRACK, 1, 2, ROOT, PREFIX, 1, ["t", 1.0, {"v": value}]], use_bin_type=True)
+        with pytest.raises(DecodeError):
+            decode(raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=512))
+def test_decode_of_arbitrary_bytes_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        decode(data)
+    except ProtocolError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frame_bytes=st.lists(
+        st.one_of(st.integers(-5, 2**64 - 1), st.text(max_size=10), json_values), min_size=0, max_size=9
+    )
+)
+def test_decode_of_arbitrary_msgpack_arrays_raises_only_protocol_error(frame_bytes: list[object]) -> None:
+    try:
+        decode(msgpack.packb([proto.PROTOCOL_VERSION, *frame_bytes]))
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields=st.dictionaries(st.text(min_size=1, max_size=8), json_values, max_size=5), ts=st.floats(allow_nan=False, allow_infinity=False))
+def test_track_frames_round_trip(fields: dict[str, object], ts: float) -> None:
+    frame = Frame(Kind.TRACK, 5, 6, ROOT, PREFIX, 1, Track("a/b", ts, fields))
+    assert decode(encode(frame)) == frame
