@@ -102,16 +102,16 @@ class Ingest:
         return len(raws)
 
     def _store(self, good: list[bytes]) -> None:
+        wire = len(good)
         while not self.internal.empty():
             good.append(self.internal.get_nowait())
+        self.counters["stored"] += wire
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
         try:
-            if good:
-                self.counters["stored"] += len(good)
             self.wal.append(good, meta)
         except (WALFull, lmdb.Error) as exc:
-            self.counters["stored"] -= len(good)
-            self.counters["dropped_wal"] += len(good)
+            self.counters["stored"] -= wire
+            self.counters["dropped_wal"] += wire
             self.wal_error = str(exc)
             self._warn("wal", "WAL append failed, %d frames dropped (total %d): %s", len(good), self.counters["dropped_wal"], exc)
             return

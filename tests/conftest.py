@@ -140,10 +140,22 @@ def run_producer(code: str, env: dict[str, str], timeout_s: float = 60.0, **kw: 
     return res
 
 
-def start_producer(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Start producer code in a fresh Python process, stdout piped for handshakes."""
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def producers() -> Iterator[Any]:
+    """Start producer code in fresh Python processes (stdin/stdout piped for handshakes); all reaped at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -154,4 +166,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file's value, or None if it does not exist (yet)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,125 @@
+"""Processes die for real (SIGKILL): the agent outlives producers, and survives its own death."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from tests.conftest import AgentHandle, read_json, read_jsonl, wait_until
+
+FLOOD = """
+    import sys, time, dashcar
+    exp = dashcar.Experiment(prefix="lab/robot/{name}", dash_root={root!r}).start()
+    t = exp.tracks("robot/state")
+    m = exp.metrics("train")
+    i = 0
+    while {limit} < 0 or i < {limit}:
+        t.append(q=[i, i + 1, i + 2], _ts=i * 0.001)
+        if i % 10 == 0:
+            m.log(step=i)
+        if i == {flush_at}:
+            assert exp.flush(), "barrier"
+            print("flushed", flush=True)
+        i += 1
+        if {pace}:
+            time.sleep({pace})
+    print("sent", i, flush=True)
+    exp.complete()
+"""
+
+
+def flood(producers: Any, agent: AgentHandle, name: str, *, limit: int = -1, flush_at: int = -1, pace: float = 0.0) -> Any:
+    code = FLOOD.format(name=name, root=str(agent.data_dir), limit=limit, flush_at=flush_at, pace=pace)
+    return producers(code, agent.env())
+
+
+def test_producer_sigkill_closes_run_as_crashed_and_keeps_every_received_frame(agent: AgentHandle, producers: Any) -> None:
+    proc = flood(producers, agent, "killed", flush_at=500, pace=0.0005)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "flushed"
+    wait_until(lambda: agent.status()["frames"]["stored"] > 900, 20, "more frames after the barrier")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    run = agent.data_dir / "lab" / "robot" / "killed"
+    wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "crashed", 20, "run closed as crashed")
+    assert agent.proc is not None and agent.proc.poll() is None, "agent lives on"
+    st = agent.status()
+    rows = read_jsonl(run / "tracks" / "robot_state" / "data.jsonl")
+    ts = [r["timestamp"] for r in rows]
+    assert ts == [i * 0.001 for i in range(len(rows))], "sorted, contiguous, one line per timestamp"
+    points = read_jsonl(run / "metrics" / "train" / "data.jsonl")
+    assert [p["index"] for p in points] == list(range(len(points)))
+    meta = read_json(run / "experiment.json")
+    counters = meta["dashcar"]["counters"]
+    assert counters["frames"] == 1 + len(rows) + len(points), "every frame the agent received is in the files"
+    assert st["frames"]["stored"] == st["frames"]["received"] and counters.get("missing", 0) == 0
+    assert "ended without closing" in meta["dashcar"]["reason"]
+    assert counters["producers_died"] == 1
+
+
+def test_agent_sigkill_and_restart_is_exactly_once(agent_factory: Any, producers: Any) -> None:
+    """Agent killed mid-stream three times: no line twice, none torn, every gap counted."""
+    agent = agent_factory("--merge-window-s", "0.05").start()
+    n = 30_000
+    proc = flood(producers, agent, "survivor", limit=n, pace=0.00002)
+    for target in (3_000, 9_000, 16_000):
+        wait_until(lambda: agent.status()["frames"]["stored"] >= target, 60, f"{target} stored")
+        agent.kill()
+        agent.start()
+    assert proc.wait(120) == 0
+    assert proc.stdout is not None and proc.stdout.read().split() == ["sent", str(n)]
+    run = agent.data_dir / "lab" / "robot" / "survivor"
+    wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 30, "run completed")
+    rows = read_jsonl(run / "tracks" / "robot_state" / "data.jsonl")
+    ts = [r["timestamp"] for r in rows]
+    assert ts == sorted(set(ts)), "sorted, no duplicate line"
+    assert all(r["q"][0] == round(r["timestamp"] * 1000) for r in rows)
+    points = read_jsonl(run / "metrics" / "train" / "data.jsonl")
+    assert [p["index"] for p in points] == list(range(len(points)))
+    steps = [p["data"]["step"] for p in points]
+    assert len(steps) == len(set(steps)), "no metric point twice"
+    counters = read_json(run / "experiment.json")["dashcar"]["counters"]
+    sent = n + n // 10 + 2  # entries, points, open, close
+    lost = counters.get("missing", 0) + counters.get("dropped_by_producer", 0)
+    assert counters["frames"] == len(rows) + len(points) + 1
+    assert len(rows) + len(points) + 2 + lost == sent, "every frame is on disk or counted as lost"
+
+
+def test_agent_restart_recovers_open_rows(agent_factory: Any) -> None:
+    agent = agent_factory("--merge-window-s", "3600").start()
+    import dashcar
+
+    exp = dashcar.Experiment(prefix="a/b/rows", dash_root=agent.data_dir).start()
+    for i in range(200):
+        exp.tracks("t").append(i=i, _ts=float(i))
+    wait_until(lambda: agent.status()["sink"]["open_rows"] == 200, 10, "rows open in the agent")
+    agent.kill()
+    agent.start()
+    exp.tracks("t").append(j=1, _ts=5.0)
+    assert exp.flush(10)
+    rows = read_jsonl(exp.run_dir / "tracks" / "t" / "data.jsonl")
+    assert [r["i"] for r in rows] == list(range(200))
+    assert rows[5] == {"timestamp": 5.0, "i": 5, "j": 1}
+    exp.complete()
+
+
+def test_forked_child_logs_under_its_own_identity_and_nothing_twice(agent: AgentHandle) -> None:
+    import dashcar
+
+    exp = dashcar.Experiment(prefix="a/b/fork", dash_root=agent.data_dir).start()
+    exp.tracks("t").append(parent=1, _ts=0.0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            exp.tracks("t").append(child=1, _ts=1.0)
+            ok = exp.flush(10)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    exp.tracks("t").append(parent=2, _ts=2.0)
+    exp.complete()
+    rows = read_jsonl(exp.run_dir / "tracks" / "t" / "data.jsonl")
+    assert rows == [{"timestamp": 0.0, "parent": 1}, {"timestamp": 1.0, "child": 1}, {"timestamp": 2.0, "parent": 2}]
+    wait_until(lambda: read_json(exp.run_dir / "experiment.json")["status"] == "completed", 10, "run closed once the child is gone")
