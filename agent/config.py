@@ -27,6 +27,7 @@ class AgentConfig:
     merge_window_s: float = 1.0
     max_open_rows: int = 200_000
     ingest_batch: int = 8192
+    group_commit_s: float = 0.02
     sink_batch: int = 8192
     rcvhwm: int = 200_000
     watch_interval_s: float = 0.25

@@ -67,7 +67,10 @@ class Agent:
             self.wal, merge_window_s=cfg.merge_window_s, max_open_rows=cfg.max_open_rows, batch_records=cfg.sink_batch
         )
         self.wakeup = threading.Event()
-        self.ingest = Ingest(self.wal, cfg.runtime_dir, batch=cfg.ingest_batch, rcvhwm=cfg.rcvhwm, on_stored=self.wakeup.set)
+        self.ingest = Ingest(
+            self.wal, cfg.runtime_dir, batch=cfg.ingest_batch, rcvhwm=cfg.rcvhwm, group_commit_s=cfg.group_commit_s,
+            on_stored=self.wakeup.set,
+        )
         self.stop_ingest = threading.Event()
         self.stop_sink = threading.Event()
         self.stop_requested = anyio.Event()
