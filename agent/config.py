@@ -29,7 +29,7 @@ class AgentConfig:
     ingest_batch: int = 8192
     group_commit_s: float = 0.02
     sink_batch: int = 8192
-    rcvhwm: int = 200_000
+    rcvhwm: int = 20_000
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"

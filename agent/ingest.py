@@ -48,11 +48,14 @@ class Ingest:
         self._sock_path = runtime_dir / INGEST_SOCKET
         self._rcvhwm = rcvhwm
         self.internal: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        """Agent-made frames (a producer ended); stored only once the socket was seen empty, so
+        every frame the dead producer had sent is stored before the news of its death."""
         saved = wal.get_meta("ingest", {})
         self.counters: dict[str, Any] = {"received": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
         self.counters.update(saved if isinstance(saved, dict) else {})
         self.rejected_by: dict[str, int] = dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
         self.wal_error: str | None = None
+        self._emptied = False
         self._warned: dict[str, float] = {}
 
     def _warn(self, key: str, msg: str, *args: object) -> None:
@@ -77,6 +80,7 @@ class Ingest:
                 if sock.poll(50):
                     self._collect(sock)
                 elif not self.internal.empty():
+                    self._emptied = True
                     self._store([])
             while self._collect(sock, linger=False):
                 pass
@@ -91,7 +95,7 @@ class Ingest:
         a flush barrier in the batch, or a full batch, commits at once.
         """
         raws: list[bytes] = []
-        barrier = False
+        barrier = emptied = False
         deadline = time.monotonic() + self.group_commit_s
         while True:
             try:
@@ -100,7 +104,7 @@ class Ingest:
                     raws.append(raw)
                     barrier = barrier or raw[2:3] in _BARRIER_KINDS
             except zmq.Again:
-                pass
+                emptied = True
             left = deadline - time.monotonic()
             if not linger or barrier or len(raws) >= self.batch or left <= 0:
                 break
@@ -108,6 +112,7 @@ class Ingest:
         if not raws:
             return 0
         self.counters["received"] += len(raws)
+        self._emptied = emptied
         good: list[bytes] = []
         for raw in raws:
             try:
@@ -124,8 +129,9 @@ class Ingest:
 
     def _store(self, good: list[bytes]) -> None:
         wire = len(good)
-        while not self.internal.empty():
-            good.append(self.internal.get_nowait())
+        if self._emptied:
+            while not self.internal.empty():
+                good.append(self.internal.get_nowait())
         self.counters["stored"] += wire
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
         try:

@@ -14,8 +14,10 @@ Invariants
 - ``meta`` holds the agent's counters, committed with the records they count.
 
 Failure behaviour
-- The map grows on demand up to ``max_bytes``; beyond it ``append`` raises ``WALFull`` and
-  the caller drops and counts the batch. Nothing already committed is touched.
+- The map is ``max_bytes`` of address space from the start (the file itself grows only as
+  pages are used), so it never has to be resized under live transactions; beyond it
+  ``append`` raises ``WALFull`` and the caller drops and counts the batch. Nothing already
+  committed is touched, and space freed by garbage collection is reused.
 - LMDB is opened once per process, after any fork; each write transaction opens, commits
   and closes on one thread inside a ``with`` block; read transactions are short.
 """
@@ -33,7 +35,6 @@ import msgpack
 from .errors import WALCorrupt, WALFull
 
 _U64: Final = struct.Struct(">Q")
-INITIAL_MAP_BYTES: Final = 64 * 1024 * 1024
 
 
 def key(seq: int) -> bytes:
@@ -50,12 +51,10 @@ class Wal:
         self.max_bytes = max_bytes
         try:
             self.env = lmdb.open(
-                str(path), map_size=min(INITIAL_MAP_BYTES, max_bytes), max_dbs=4, sync=sync,
-                metasync=sync, subdir=True, lock=True, readahead=False,
+                str(path), map_size=max_bytes, max_dbs=4, sync=sync, metasync=sync, subdir=True, lock=True, readahead=False,
             )
         except lmdb.Error as exc:
             raise WALCorrupt(f"cannot open the WAL at {path}: {exc}") from exc
-        self.env.set_mapsize(max(self.env.info()["map_size"], min(INITIAL_MAP_BYTES, max_bytes)))
         self.wal = self.env.open_db(b"wal")
         self.meta = self.env.open_db(b"meta")
         self.sink = self.env.open_db(b"sink")
@@ -70,17 +69,12 @@ class Wal:
         self.env.close()
 
     def _write(self, fn: object, *args: object) -> None:
-        """Run ``fn(txn, *args)`` in one write txn, growing the map on demand up to the cap."""
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    fn(txn, *args)  # type: ignore[operator]
-                return
-            except lmdb.MapFullError as exc:
-                size = self.env.info()["map_size"]
-                if size >= self.max_bytes:
-                    raise WALFull(f"WAL at {self.path} reached its cap of {self.max_bytes} bytes") from exc
-                self.env.set_mapsize(min(size * 2, self.max_bytes))
+        """Run ``fn(txn, *args)`` in one write transaction; a full map is ``WALFull``."""
+        try:
+            with self.env.begin(write=True) as txn:
+                fn(txn, *args)  # type: ignore[operator]
+        except lmdb.MapFullError as exc:
+            raise WALFull(f"WAL at {self.path} reached its cap of {self.max_bytes} bytes") from exc
 
     def append(self, records: list[bytes], meta: Mapping[str, object]) -> int:
         """Append ``records`` and update ``meta`` in one durable transaction; returns the last seq."""

@@ -39,6 +39,8 @@ from . import layout
 
 log = logging.getLogger(__name__)
 
+MAX_GONE_PRODUCERS = 10_000
+"""Ended producers remembered (with their last seq) so late frames still count gaps right."""
 _STATUS_RANK = {"completed": 0, "cancelled": 1, "failed": 2, "crashed": 3}
 _TS = struct.Struct(">Q")
 
@@ -231,7 +233,7 @@ class JsonlSink:
     def _producer(self, sid: int, pid: int, b: Batch) -> dict[str, Any]:
         ps = self.producers.get(sid)
         if ps is None:
-            ps = self.producers[sid] = {"pid": pid, "last": 0, "dropped": 0, "runs": []}
+            ps = self.producers[sid] = {"pid": pid, "last": 0, "dropped": 0, "runs": [], "gone": False}
         b.producers.add(sid)
         return ps
 
@@ -275,6 +277,7 @@ class JsonlSink:
         if f.seq > ps["last"] + 1:
             self._count(known, "missing", f.seq - ps["last"] - 1)
         ps["last"] = f.seq
+        ps["gone"] = False
         kind, p = f.kind, f.payload
         if kind is Kind.FLUSH:
             self._reported(ps, known, p.dropped)  # type: ignore[union-attr]
@@ -339,8 +342,11 @@ class JsonlSink:
                 self._count(run, "producers_died")
                 b.settle.add(path)
                 self._maybe_close(path, run, b)
-        del self.producers[sid]
-        b.dropped_producers.add(sid)
+        ps["gone"] = True
+        gone = [s for s, p in self.producers.items() if p.get("gone")]
+        for old in gone[: max(0, len(gone) - MAX_GONE_PRODUCERS)]:
+            del self.producers[old]
+            b.dropped_producers.add(old)
 
     def _maybe_close(self, path: str, run: dict[str, Any], b: Batch) -> None:
         states = run["producers"]
@@ -504,7 +510,7 @@ class JsonlSink:
                 self.cond.notify_all()
 
     def _publish_pids(self) -> None:
-        self.pids = {sid: ps["pid"] for sid, ps in self.producers.items()}
+        self.pids = {sid: ps["pid"] for sid, ps in self.producers.items() if not ps.get("gone")}
 
     def _write_derived_run(self, path: str, *, files: set[str] | None = None, all_files: bool = False) -> None:
         run = self.runs[path]

@@ -1,0 +1,90 @@
+"""Agent ingest: frames/s from N producer processes into the WAL and into merged JSONL, and drops.
+
+Each producer sends ``--frames`` 6-DOF track entries as fast as it can (distinct timestamps,
+so every entry is one JSONL row); the figures are the agent's own counters over wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+from typing import Any
+
+from bench._util import Agent, emit
+
+
+def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: Any, out: Any) -> None:
+    os.environ.update(env)
+    import dashcar
+
+    exp = dashcar.Experiment(prefix=f"bench/ingest/p{idx}", dash_root=root).start()
+    track = exp.tracks("robot/state")
+    q = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    ready.release()
+    go.wait()
+    for i in range(n):
+        track.append(q=q, qd=q, tau=q, gripper_pos=0.04, gripper_force=10.0, _ts=i * 0.001)
+    from dashcar import _transport
+
+    out.put(_transport.get_transport(exp._runtime_dir).dropped())
+    exp.complete()
+
+
+def run(producers: int, frames: int) -> dict[str, Any]:
+    with Agent("--merge-window-s", "0.2") as agent:
+        ctx = mp.get_context("spawn")
+        ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_producer, args=(agent.env, str(agent.data_dir), i, frames, ready, go, out)) for i in range(producers)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.acquire()
+        base = agent.status()["frames"]
+        t0 = time.perf_counter()
+        go.set()
+        total = producers * frames
+        t_wal = None
+        peak_rss = 0
+        while True:
+            st = agent.status()
+            peak_rss = max(peak_rss, agent.rss_anon_kb())
+            fr = st["frames"]
+            if t_wal is None and fr["stored"] - base["stored"] >= total:
+                t_wal = time.perf_counter() - t0
+            if st["wal"]["backlog"] == 0 and fr["written"] - base["written"] >= total and t_wal is not None:
+                break
+            if time.perf_counter() - t0 > 600:
+                break
+            time.sleep(0.02)
+        t_jsonl = time.perf_counter() - t0
+        dropped = sum(out.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(60)
+        fr = agent.status()["frames"]
+        return {
+            "producers": producers,
+            "frames": total,
+            "wal_frames_per_s": round(total / t_wal) if t_wal else None,
+            "jsonl_frames_per_s": round(total / t_jsonl),
+            "dropped_by_producers": dropped,
+            "missing": fr["missing"],
+            "agent_rss_anon_mb_peak": round(peak_rss / 1024, 1),
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--producers", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--frames", type=int, default=100_000, help="per producer")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.producers, args.frames = [1, 4], 5_000
+    for n in args.producers:
+        emit("ingest", run(n, args.frames // max(1, n // 4) if n > 4 else args.frames))
+
+
+if __name__ == "__main__":
+    main()
