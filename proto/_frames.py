@@ -237,6 +237,9 @@ def _payload(kind: Kind, raw: object) -> Payload:
     return ProducerGone(_int(dropped, "dropped"))
 
 
+_KINDS = {k.value: k for k in Kind}
+
+
 def decode(data: bytes, *, internal: bool = False) -> Frame:
     """Decode and validate one frame; raises only ``ProtocolError`` subclasses.
 
@@ -255,10 +258,9 @@ def decode(data: bytes, *, internal: bool = False) -> Frame:
     if len(raw) != 8:
         raise DecodeError("frame must have 8 elements")
     _, kind_raw, sid, pid, root, prefix, seq, payload = raw
-    try:
-        kind = Kind(kind_raw)
-    except (ValueError, TypeError) as exc:
-        raise DecodeError(f"unknown frame kind {kind_raw!r}") from exc
+    kind = _KINDS.get(kind_raw) if type(kind_raw) is int else None
+    if kind is None:
+        raise DecodeError(f"unknown frame kind {kind_raw!r}")
     if kind >= FIRST_INTERNAL_KIND and not internal:
         raise DecodeError(f"frame kind {kind_raw!r} is reserved for the agent")
     check_root(root)

@@ -7,17 +7,23 @@ name can produce a path outside the run directory.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ._constants import MAX_NAME_BYTES, MAX_NAME_PARTS
 from ._errors import InvalidName
 
 
-def split_name(name: object, what: str) -> list[str]:
+def split_name(name: object, what: str) -> tuple[str, ...]:
     """Split a ``/``-separated name into validated parts, or raise ``InvalidName``."""
     if not isinstance(name, str):
         raise InvalidName(f"{what} must be a str, got {type(name).__name__}")
-    parts = name.split("/")
+    return _split(name, what)
+
+
+@functools.lru_cache(maxsize=8192)
+def _split(name: str, what: str) -> tuple[str, ...]:
+    parts = tuple(name.split("/"))
     if len(parts) > MAX_NAME_PARTS:
         raise InvalidName(f"{what} {name!r} has more than {MAX_NAME_PARTS} parts")
     for part in parts:
@@ -41,10 +47,10 @@ def track_dir_name(topic: object) -> str:
     return "_".join(split_name(topic, "track topic"))
 
 
-def metric_dir_parts(name: object) -> list[str]:
+def metric_dir_parts(name: object) -> tuple[str, ...]:
     """Path parts of a metric directory under ``metrics/``; ``None`` is the unnamed metric."""
     if name is None:
-        return ["None"]
+        return ("None",)
     return split_name(name, "metric name")
 
 
@@ -52,11 +58,17 @@ def check_root(root: object) -> str:
     """Validate a data root: an absolute, normalised path without NUL."""
     if not isinstance(root, str) or not root:
         raise InvalidName("data root must be a non-empty str")
+    return _check_root(root)
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_root(root: str) -> str:
     if "\x00" in root or not os.path.isabs(root) or os.path.normpath(root) != root:
         raise InvalidName(f"data root {root!r} must be an absolute, normalised path")
     return root
 
 
+@functools.lru_cache(maxsize=8192)
 def run_dir(root: str, prefix: str) -> str:
     """The run directory for a validated root and prefix."""
     return os.path.join(check_root(root), *split_name(prefix, "run prefix"))

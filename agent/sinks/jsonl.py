@@ -104,6 +104,7 @@ class JsonlSink:
         self.cond = threading.Condition()
         self.flushed: dict[int, int] = {}
         self.pids: dict[int, int] = {}
+        self._track_paths: dict[tuple[str, str], str] = {}
         self.recover()
 
     # ----------------------------------------------------------------- recovery
@@ -364,8 +365,14 @@ class JsonlSink:
             run["reason"] = "producer process ended without closing the run"
         run["closed_at"] = layout.iso(time.time())
 
+    def _track_path(self, run: str, topic: str) -> str:
+        tpath = self._track_paths.get((run, topic))
+        if tpath is None:
+            tpath = self._track_paths[(run, topic)] = os.path.join(layout.track_dir(run, topic), "data.jsonl")
+        return tpath
+
     def _track(self, path: str, run: dict[str, Any], topic: str, ts: float, fields: dict[str, Any], b: Batch) -> None:
-        tpath = os.path.join(layout.track_dir(path, topic), "data.jsonl")
+        tpath = self._track_path(path, topic)
         fs = self._file(tpath, "track", path, b, topic=topic)
         if fs["topic"] != topic:
             self._count(run, "rejected_topic_collision")
@@ -418,7 +425,7 @@ class JsonlSink:
                 b.rows_del.add(_row_key(path, topic, ts))
             settled.append((ts, row.fields))
         run = self.runs[path]
-        tpath = os.path.join(layout.track_dir(path, topic), "data.jsonl")
+        tpath = self._track_path(path, topic)
         fs = self.files[tpath]
         b.files.add(tpath)
         cols = set(fs["columns"])

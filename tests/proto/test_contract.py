@@ -37,4 +37,4 @@ def test_names_never_escape_the_run_directory() -> None:
     run = proto.run_dir("/data", "alice/p/r")
     assert run == "/data/alice/p/r"
     assert proto.track_dir_name("robot/state") == "robot_state"
-    assert proto.metric_dir_parts("eval/top1") == ["eval", "top1"]
+    assert proto.metric_dir_parts("eval/top1") == ("eval", "top1")
