@@ -21,6 +21,7 @@ from ._frames import Flush as Flush
 from ._frames import Frame as Frame
 from ._frames import Kind as Kind
 from ._frames import Log as Log
+from ._frames import Meta as Meta
 from ._frames import Metric as Metric
 from ._frames import Params as Params
 from ._frames import ProducerGone as ProducerGone
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidName",
     "Kind",
     "Log",
+    "Meta",
     "Metric",
     "Params",
     "ProducerGone",

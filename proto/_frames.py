@@ -43,6 +43,7 @@ class Kind(enum.IntEnum):
     LOG = 5
     FLUSH = 6
     RUN_CLOSE = 7
+    META = 8
     PRODUCER_GONE = 64
 
 
@@ -50,6 +51,10 @@ FIRST_INTERNAL_KIND = 64
 
 
 RUN_STATUSES = ("completed", "failed", "cancelled", "crashed")
+SERIES_FOLDERS = ("metrics", "tracks")
+"""Where index-based series live: ML-Dash metrics, or DreamLake session tracks."""
+META_TARGETS = ("metric", "series", "track")
+"""What a ``Meta`` frame describes: a metric, a DreamLake series, or a timestamped track topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +73,20 @@ class Params:
 
 @dataclass(frozen=True, slots=True)
 class Metric:
-    """One or more points of one metric (``name`` None is the unnamed metric)."""
+    """Points of one index-based series (``name`` None is the unnamed metric) under ``folder``."""
 
     name: str | None
     points: list[dict[str, Any]]
+    folder: str = "metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Description, tags and metadata of a metric, series or track, kept in its ``metadata.json``."""
+
+    target: str
+    name: str | None
+    info: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +131,7 @@ class ProducerGone:
     dropped: int
 
 
-Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, ProducerGone]
+Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, Meta, ProducerGone]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +159,9 @@ def _wire_payload(payload: Payload) -> object:
     if isinstance(payload, Params):
         return payload.data
     if isinstance(payload, Metric):
-        return [payload.name, payload.points]
+        return [payload.name, payload.points, payload.folder]
+    if isinstance(payload, Meta):
+        return [payload.target, payload.name, payload.info]
     if isinstance(payload, Track):
         return [payload.topic, payload.ts, payload.fields]
     if isinstance(payload, Log):
@@ -209,11 +226,22 @@ def _payload(kind: Kind, raw: object) -> Payload:
         track_dir_name(topic)
         return Track(topic, _number(ts, "track _ts"), _map(fields, "track fields"))
     if kind is Kind.METRIC:
-        name, points = _list(raw, 2, "metric payload")
+        name, points, folder = _list(raw, 3, "metric payload")
         metric_dir_parts(name)
         if type(points) is not list or not all(type(p) is dict for p in points):
             raise DecodeError("metric points must be an array of maps")
-        return Metric(name, points)
+        if folder not in SERIES_FOLDERS:
+            raise DecodeError(f"series folder must be one of {SERIES_FOLDERS}")
+        return Metric(name, points, folder)
+    if kind is Kind.META:
+        target, name, info = _list(raw, 3, "meta payload")
+        if target not in META_TARGETS:
+            raise DecodeError(f"meta target must be one of {META_TARGETS}")
+        if target == "track":
+            track_dir_name(name)
+        else:
+            metric_dir_parts(name)
+        return Meta(target, name, _map(info, "meta info"))
     if kind is Kind.LOG:
         message, level, time, metadata = _list(raw, 4, "log payload")
         if metadata is not None:

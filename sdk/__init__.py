@@ -11,25 +11,38 @@ from dashcar.proto import DashcarError as DashcarError
 from dashcar.proto import InvalidName as InvalidName
 
 from ._experiment import Experiment as Experiment
-from ._experiment import MetricBuilder as MetricBuilder
-from ._experiment import MetricsManager as MetricsManager
-from ._experiment import ParamsBuilder as ParamsBuilder
 from ._experiment import RunContext as RunContext
-from ._experiment import TrackBuilder as TrackBuilder
-from ._experiment import TracksManager as TracksManager
+from ._logs import LogBuilder as LogBuilder
+from ._metrics import BufferManager as BufferManager
+from ._metrics import MetricsManager as MetricsManager
+from ._metrics import Series as Series
+from ._metrics import SummaryCache as SummaryCache
+from ._params import ParamsBuilder as ParamsBuilder
+from ._read import TrackSlice as TrackSlice
+from ._session import Session as Session
+from ._tracks import TrackBuilder as TrackBuilder
+from ._tracks import TracksManager as TracksManager
+
+MetricBuilder = Series
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BufferManager",
     "ConfigError",
     "DashcarError",
     "Experiment",
     "InvalidName",
+    "LogBuilder",
     "MetricBuilder",
     "MetricsManager",
     "ParamsBuilder",
     "RunContext",
+    "Series",
+    "Session",
+    "SummaryCache",
     "TrackBuilder",
+    "TrackSlice",
     "TracksManager",
     "__version__",
 ]

@@ -21,15 +21,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dashcar.proto import LOG_LEVELS, Kind, check_prefix, metric_dir_parts, runtime_dir, track_dir_name
+from dashcar.proto import Kind, check_prefix, runtime_dir
 
-from . import _agent, _transport
+from . import _agent, _logs, _transport
+from ._metrics import MetricsManager
+from ._params import ParamsBuilder
+from ._tracks import TracksManager
 
 log = logging.getLogger("dashcar")
 
 FLUSH_TIMEOUT_S = 5.0
 _MISSING: Any = object()
-_LEVEL_ALIASES = {"warning": "warn", "critical": "fatal"}
 
 
 def check_ts(ts: object) -> float:
@@ -78,116 +80,6 @@ class RunContext:
         self._exp._close_for(ev)
 
 
-class ParamsBuilder:
-    """``exp.params``: nested dicts are flattened with dots and merged by the agent."""
-
-    def __init__(self, exp: Experiment) -> None:
-        self._exp = exp
-
-    def set(self, **params: Any) -> ParamsBuilder:
-        """Merge ``params`` into the run's parameters."""
-        self._exp._emit(Kind.PARAMS, params)
-        return self
-
-    log = set
-
-
-class MetricBuilder:
-    """``exp.metrics("name")``: an index-based series; the agent assigns indexes."""
-
-    __slots__ = ("_exp", "_name")
-
-    def __init__(self, exp: Experiment, name: str | None) -> None:
-        metric_dir_parts(name)
-        self._exp = exp
-        self._name = name
-
-    def log(self, _ts: Any = None, **fields: Any) -> MetricBuilder:
-        """Append one point; ``_ts`` defaults to now and is stored inside the point."""
-        fields["_ts"] = time.time() if _ts is None else self._exp._resolve_ts(_ts)
-        self._exp._emit(Kind.METRIC, (self._name, (fields,)))
-        return self
-
-    append = log
-
-    def flush(self) -> MetricBuilder:
-        """Barrier: return once the agent has written what this thread sent."""
-        self._exp.flush()
-        return self
-
-
-class MetricsManager:
-    """``exp.metrics``: call it for a named metric; ``log`` writes to the unnamed one."""
-
-    def __init__(self, exp: Experiment) -> None:
-        self._exp = exp
-        self._builders: dict[str | None, MetricBuilder] = {}
-
-    def __call__(self, name: str | None = None) -> MetricBuilder:
-        builder = self._builders.get(name)
-        if builder is None:
-            builder = self._builders[name] = MetricBuilder(self._exp, name)
-        return builder
-
-    def log(self, _ts: Any = None, **fields: Any) -> MetricsManager:
-        """Scalars go to the unnamed metric; each dict value to its own metric, with the scalars."""
-        ts = time.time() if _ts is None else self._exp._resolve_ts(_ts)
-        scalars = {k: v for k, v in fields.items() if not isinstance(v, dict)}
-        groups = {k: v for k, v in fields.items() if isinstance(v, dict)}
-        if scalars:
-            self(None).log(_ts=ts, **scalars)
-        for name, values in groups.items():
-            self(name).log(_ts=ts, **{**scalars, **values})
-        return self
-
-    def flush(self) -> MetricsManager:
-        """Barrier: return once the agent has written what this thread sent."""
-        self._exp.flush()
-        return self
-
-
-class TrackBuilder:
-    """``exp.tracks("topic")``: timestamped rows; equal ``_ts`` entries merge into one row."""
-
-    __slots__ = ("_exp", "_topic")
-
-    def __init__(self, exp: Experiment, topic: str) -> None:
-        track_dir_name(topic)
-        self._exp = exp
-        self._topic = topic
-
-    def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
-        """Append one entry at ``_ts`` (seconds; ``-1`` reuses this thread's previous ``_ts``)."""
-        if "timestamp" in fields:
-            raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
-        self._exp._emit(Kind.TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
-        return self
-
-    def flush(self) -> TrackBuilder:
-        """Barrier: settle and write this thread's rows, then return."""
-        self._exp.flush()
-        return self
-
-
-class TracksManager:
-    """``exp.tracks``: call it for a topic's builder; ``flush()`` settles all topics."""
-
-    def __init__(self, exp: Experiment) -> None:
-        self._exp = exp
-        self._builders: dict[str, TrackBuilder] = {}
-
-    def __call__(self, topic: str) -> TrackBuilder:
-        builder = self._builders.get(topic)
-        if builder is None:
-            builder = self._builders[topic] = TrackBuilder(self._exp, topic)
-        return builder
-
-    def flush(self) -> TracksManager:
-        """Barrier: settle and write every topic this thread sent to, then return."""
-        self._exp.flush()
-        return self
-
-
 _open_experiments: set[Experiment] = set()
 _open_lock = threading.Lock()
 
@@ -212,6 +104,7 @@ class Experiment:
         tags: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
+        echo_logs: bool | None = None,
     ) -> None:
         if prefix is None:
             if name is None:
@@ -233,10 +126,12 @@ class Experiment:
         self._owner_pid = 0
         self._open = False
         self._tls = threading.local()
+        self.echo_logs = echo_logs if echo_logs is not None else os.environ.get("DASHCAR_ECHO", "1") != "0"
         self.run = RunContext(self)
         self.params = ParamsBuilder(self)
         self.metrics = MetricsManager(self)
         self.tracks = TracksManager(self)
+        self.logs = _logs.LogBuilder(self)
 
     @property
     def run_dir(self) -> Path:
@@ -288,12 +183,12 @@ class Experiment:
 
     def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> Experiment:
         """Write one log line; ``level`` is one of debug, info, warn, error, fatal."""
-        lvl = _LEVEL_ALIASES.get(level, level)
-        if lvl not in LOG_LEVELS:
-            raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
-        meta = {**metadata, **extra} if metadata is not None else (extra or None)
-        self._emit(Kind.LOG, (str(message), lvl, time.time(), meta))
+        _logs.write(self, message, level, metadata, extra)
         return self
+
+    def parameters(self) -> ParamsBuilder:
+        """``exp.parameters().set(...)``: the same builder as ``exp.params``."""
+        return self.params
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
         """Barrier: True once the agent has written everything this thread sent before it."""
@@ -301,18 +196,23 @@ class Experiment:
             return True
         t = self._live_transport()
         p = t.producer()
-        seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),))
+        deadline = time.monotonic() + timeout_s
+        seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),), wait_s=timeout_s)
         if seq == 0:
-            log.warning("dashcar: flush of %s could not be sent (queue full or agent unreachable)", self.prefix)
+            log.warning("dashcar: flush of %s could not be sent within %.1f s (agent unreachable)", self.prefix, timeout_s)
             return False
         assert self._runtime_dir is not None
-        reply = _agent.request(
-            self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": timeout_s}, timeout_s + 0.5
-        )
+        left = max(0.1, deadline - time.monotonic())
+        reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": left}, left + 0.5)
         if reply is None or not reply.get("ok"):
             log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
             return False
         return True
+
+    def _barrier(self) -> None:
+        """Before a read: wait until the agent wrote what this thread sent (skipped if no agent runs)."""
+        if self._open and self._runtime_dir is not None and _agent.agent_running(self._runtime_dir):
+            self.flush()
 
     def _resolve_ts(self, ts: Any) -> float:
         if ts == -1 and type(ts) is not bool:
@@ -353,7 +253,9 @@ class Experiment:
         if not self._open:
             return
         if os.getpid() == self._owner_pid:
-            self._emit(Kind.RUN_CLOSE, (status, reason, self._live_transport().dropped()))
+            t = self._live_transport()
+            t.producer().send(Kind.RUN_CLOSE, self.dash_root, self.prefix, (status, reason, t.dropped()),
+                              wait_s=FLUSH_TIMEOUT_S if wait else 0.0)
         if wait:
             self.flush()
         self._open = False

@@ -57,8 +57,12 @@ class Producer:
         self._packer = msgpack.Packer(default=_default)
         self._last_report = 0.0
 
-    def send(self, kind: int, root: str, prefix: str, payload: object) -> int:
-        """Send one frame; returns its sequence number, or 0 if it was dropped."""
+    def send(self, kind: int, root: str, prefix: str, payload: object, wait_s: float = 0.0) -> int:
+        """Send one frame; returns its sequence number, or 0 if it was dropped.
+
+        The hot path never waits (``wait_s=0``); barriers and run closes may wait up to
+        ``wait_s`` for room in a full queue, since they are called outside the control loop.
+        """
         key = (kind, root, prefix)
         head = self._heads.get(key)
         if head is None:
@@ -70,11 +74,26 @@ class Producer:
             raise ValueError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
         try:
             self.sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            if not (wait_s > 0 and self._send_waiting(data, wait_s)):
+                self._drop()
+                return 0
         except zmq.ZMQError:
             self._drop()
             return 0
         self.seq = seq
         return seq
+
+    def _send_waiting(self, data: bytes, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                try:
+                    self.sock.send(data, zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    continue
+        return False
 
     def _drop(self) -> None:
         self.dropped += 1

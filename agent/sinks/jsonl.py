@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dashcar.proto import Frame, Kind, ProtocolError, decode, run_dir
+from dashcar.proto import Frame, Kind, Meta, ProtocolError, decode, run_dir
 
 from .. import merge
 from ..errors import SinkRetryable
@@ -203,6 +203,8 @@ class JsonlSink:
         meta = layout.read_json(os.path.join(os.path.dirname(path), "metadata.json")) or {}
         fs: dict[str, Any] = {"kind": kind, "run": run, "size": size, "n": n, "topic": topic, "name": name}
         fs["created"] = meta.get("createdAt") or layout.iso(time.time())
+        for key in ("description", "tags", "metadata"):
+            fs[key] = meta.get(key)
         if kind == "track":
             fs["columns"] = list(meta.get("columns") or [])
             fs["first_ts"], fs["last_ts"] = layout.first_last_ts(path, size)
@@ -213,11 +215,13 @@ class JsonlSink:
             fs["n"] = max(n, seq) if isinstance(seq, int) else n
         return fs
 
-    def _file(self, path: str, kind: str, run: str, b: Batch, *, topic: str | None = None, name: str | None = None) -> dict[str, Any]:
+    def _file(self, path: str, kind: str, run: str, b: Batch, *, topic: str | None = None, name: str | None = None,
+              folder: str = "metrics") -> dict[str, Any]:
         fs = self.files.get(path)
         if fs is None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fs = self.files[path] = self._load_file(path, kind, topic, name, run)
+            fs["folder"] = folder
             self.runs[run]["files"].append(path)
             if fs["size"] == 0:
                 b.new_files.add(path)
@@ -306,8 +310,8 @@ class JsonlSink:
         if kind is Kind.TRACK:
             self._track(path, run, p.topic, p.ts, p.fields, b)  # type: ignore[union-attr]
         elif kind is Kind.METRIC:
-            mpath = os.path.join(layout.metric_dir(path, p.name), "data.jsonl")  # type: ignore[union-attr]
-            fs = self._file(mpath, "metric", path, b, name=p.name)  # type: ignore[union-attr]
+            mpath = os.path.join(layout.series_dir(path, p.folder, p.name), "data.jsonl")  # type: ignore[union-attr]
+            fs = self._file(mpath, "metric", path, b, name=p.name, folder=p.folder)  # type: ignore[union-attr]
             for point in p.points:  # type: ignore[union-attr]
                 self._append(b, mpath, fs, layout.metric_line(fs["n"], point))
                 fs["n"] += 1
@@ -326,6 +330,22 @@ class JsonlSink:
             run["info"].update(p.info)  # type: ignore[union-attr]
             if f.sid not in run["owners"]:
                 run["owners"].append(f.sid)
+        elif kind is Kind.META:
+            self._meta(path, run, p, b)  # type: ignore[arg-type]
+
+    def _meta(self, path: str, run: dict[str, Any], p: Meta, b: Batch) -> None:
+        if p.target == "track":
+            fs = self._file(self._track_path(path, p.name), "track", path, b, topic=p.name)  # type: ignore[arg-type]
+            if fs["topic"] != p.name:
+                self._count(run, "rejected_topic_collision")
+                return
+        else:
+            folder = "metrics" if p.target == "metric" else "tracks"
+            mpath = os.path.join(layout.series_dir(path, folder, p.name), "data.jsonl")
+            fs = self._file(mpath, "metric", path, b, name=p.name, folder=folder)
+        for key in ("description", "tags", "metadata"):
+            if key in p.info:
+                fs[key] = p.info[key]
 
     def _reported(self, ps: dict[str, Any], run: dict[str, Any] | None, dropped: int) -> None:
         if dropped > ps["dropped"]:
@@ -562,9 +582,11 @@ class JsonlSink:
         now = layout.iso(time.time())
         if fs["kind"] == "metric":
             name = fs["name"]
+            ident = ("metricId", f"local-metric-{name}") if fs.get("folder", "metrics") == "metrics" else ("trackId", f"local-track-{name}")
             meta = {
-                "metricId": f"local-metric-{name}", "name": name, "description": None, "tags": [], "metadata": None,
-                "totalDataPoints": fs["n"], "nextIndex": fs["n"], "createdAt": fs["created"], "updatedAt": now,
+                ident[0]: ident[1], "name": name, "description": fs.get("description"), "tags": fs.get("tags") or [],
+                "metadata": fs.get("metadata"), "totalDataPoints": fs["n"], "nextIndex": fs["n"],
+                "bufferedDataPoints": fs["n"], "chunkedDataPoints": 0, "createdAt": fs["created"], "updatedAt": now,
             }
             with layout.locked(os.path.join(d, ".metadata.lock")):
                 layout.write_atomic(os.path.join(d, "metadata.json"), layout.dumps(meta))
@@ -572,7 +594,8 @@ class JsonlSink:
             meta = {
                 "trackId": f"local-track-{os.path.basename(d)}", "topic": fs["topic"], "columns": fs["columns"],
                 "totalEntries": fs["n"], "firstTimestamp": fs["first_ts"], "lastTimestamp": fs["last_ts"],
-                "createdAt": fs["created"],
+                "createdAt": fs["created"], "description": fs.get("description"), "tags": fs.get("tags") or [],
+                "metadata": fs.get("metadata"),
             }
             with layout.locked(os.path.join(d, ".metadata.lock")):
                 layout.write_atomic(os.path.join(d, "metadata.json"), layout.dumps(meta))

@@ -23,9 +23,9 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None).isoformat() + "Z"
 
 
-def metric_dir(run: str, name: str | None) -> str:
-    """``<run>/metrics/<name>`` (a ``/`` in the name nests directories, as ML-Dash does)."""
-    return os.path.join(run, "metrics", *metric_dir_parts(name))
+def series_dir(run: str, folder: str, name: str | None) -> str:
+    """``<run>/<folder>/<name>`` (a ``/`` in the name nests directories, as ML-Dash does)."""
+    return os.path.join(run, folder, *metric_dir_parts(name))
 
 
 def track_dir(run: str, topic: str) -> str:

@@ -157,9 +157,14 @@ def test_run_left_open_at_exit_is_closed_and_written(agent: AgentHandle) -> None
 
 def test_topics_sharing_a_folder_are_refused(agent: AgentHandle) -> None:
     exp = make(agent)
+    other = make(agent)
     with exp.run:
         exp.tracks("a/b").append(x=1, _ts=1.0)
-        exp.tracks("a_b").append(y=2, _ts=1.0)
+        with pytest.raises(ValueError, match="share the folder"):
+            exp.tracks("a_b")
+        assert exp.flush()
+        other.tracks("a_b").append(y=2, _ts=1.0)
+        assert other.flush()
     assert read_jsonl(exp.run_dir / "tracks" / "a_b" / "data.jsonl") == [{"timestamp": 1.0, "x": 1}]
     assert read_json(exp.run_dir / "experiment.json")["dashcar"]["counters"]["rejected_topic_collision"] == 1
 

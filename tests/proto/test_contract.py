@@ -26,8 +26,9 @@ def test_error_tree_drawing_names_every_error() -> None:
 
 def test_exported_members() -> None:
     assert set(dashcar.__all__) == {
-        "ConfigError", "DashcarError", "Experiment", "InvalidName", "MetricBuilder", "MetricsManager",
-        "ParamsBuilder", "RunContext", "TrackBuilder", "TracksManager", "__version__",
+        "BufferManager", "ConfigError", "DashcarError", "Experiment", "InvalidName", "LogBuilder", "MetricBuilder",
+        "MetricsManager", "ParamsBuilder", "RunContext", "Series", "Session", "SummaryCache", "TrackBuilder",
+        "TrackSlice", "TracksManager", "__version__",
     }
     for name in proto.__all__:
         assert getattr(proto, name) is not None

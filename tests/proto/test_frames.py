@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dashcar import proto
 from dashcar.proto import (
-    DecodeError, Flush, Frame, FrameTooLarge, InvalidName, Kind, Log, Metric, Params, ProducerGone, ProtocolError,
+    DecodeError, Flush, Frame, FrameTooLarge, InvalidName, Kind, Log, Meta, Metric, Params, ProducerGone, ProtocolError,
     RunClose, RunOpen, Track, UnsupportedVersion, decode, encode,
 )
 
@@ -20,6 +20,9 @@ PAYLOADS = [
     (Kind.PARAMS, Params({"lr": 0.001, "model": {"depth": 50}})),
     (Kind.METRIC, Metric("train", [{"loss": 0.5, "_ts": 1.0}, {"loss": 0.4, "_ts": 2.0}])),
     (Kind.METRIC, Metric(None, [{"epoch": 1, "_ts": 1.0}])),
+    (Kind.METRIC, Metric("train_loss", [{"value": 0.5}], "tracks")),
+    (Kind.META, Meta("track", "robot/state", {"description": "arm", "tags": ["a"], "metadata": {"fps": 100}})),
+    (Kind.META, Meta("metric", None, {"description": "unnamed"})),
     (Kind.TRACK, Track("robot/state", 1.25, {"q": [0.1, 0.2], "g": {"pos": 0.04}})),
     (Kind.LOG, Log("hello", "info", 123.5, {"k": 1})),
     (Kind.LOG, Log("bare", "warn", 1.0, None)),
