@@ -117,7 +117,7 @@ def list_series(run: Path, folder: str) -> list[dict[str, Any]]:
         meta = _read_json(meta_path)
         if not isinstance(meta, dict) or "totalDataPoints" not in meta:
             continue
-        name = meta.get("name") or meta_path.parent.relative_to(base).as_posix()
+        name = meta["name"] if "name" in meta else meta_path.parent.relative_to(base).as_posix()
         out.append({
             ("metricId" if folder == "metrics" else "trackId"): meta.get("metricId") or meta.get("trackId"),
             "name": name,
