@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +16,10 @@ ORDER = ["Experiment", "RunContext", "ParamsBuilder", "MetricsManager", "Series"
 
 def _sig(obj: object) -> str:
     try:
-        return str(inspect.signature(obj))  # type: ignore[arg-type]
+        sig = str(inspect.signature(obj))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "(...)"
+    return re.sub(r"<object object at 0x[0-9a-f]+>", "<required>", sig)
 
 
 def render() -> str:
