@@ -51,9 +51,10 @@ def run(producers: int, frames: int) -> dict[str, Any]:
             st = agent.status()
             peak_rss = max(peak_rss, agent.rss_anon_kb())
             fr = st["frames"]
-            if t_wal is None and fr["stored"] - base["stored"] >= total:
+            settled = fr["written"] - base["written"] + fr["dropped_by_producers"] + fr["missing"]
+            if t_wal is None and fr["stored"] - base["stored"] + fr["dropped_by_producers"] >= total:
                 t_wal = time.perf_counter() - t0
-            if st["wal"]["backlog"] == 0 and fr["written"] - base["written"] >= total and t_wal is not None:
+            if st["wal"]["backlog"] == 0 and settled >= total and t_wal is not None:
                 break
             if time.perf_counter() - t0 > 600:
                 break
@@ -77,13 +78,13 @@ def run(producers: int, frames: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--producers", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--frames", type=int, default=100_000, help="per producer")
+    ap.add_argument("--frames", type=int, default=200_000, help="in total, split over the producers")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.producers, args.frames = [1, 4], 5_000
+        args.producers, args.frames = [1, 4], 20_000
     for n in args.producers:
-        emit("ingest", run(n, args.frames // max(1, n // 4) if n > 4 else args.frames))
+        emit("ingest", run(n, args.frames // n))
 
 
 if __name__ == "__main__":
