@@ -15,6 +15,7 @@ deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ import anyio
 import lmdb
 from anyio.abc import TaskStatus
 
-from dashcar.proto import Frame, Kind, ProducerGone, encode
+from dashcar.proto import COUNTER, COUNTERS_DIR, Frame, Kind, ProducerGone, counter_path, encode, parse_counter_name
 
 from . import control, systemd
 from .config import AgentConfig
@@ -97,6 +98,7 @@ class Agent:
                 "dropped_disk_full": ingest["dropped_wal"],
                 "dropped_by_producers": sc.get("dropped_by_producer", 0),
                 "missing": sc.get("missing", 0),
+                "lost_in_producer_queue": sc.get("lost_in_producer_queue", 0),
                 "written": sc.get("frames", 0),
                 "clashes": sc.get("clashes", 0),
             },
@@ -147,20 +149,49 @@ class Agent:
             self.wakeup.wait(min(0.05, self.cfg.merge_window_s / 4))
             self.wakeup.clear()
 
+    def _read_counter(self, pid: int, sid: int) -> tuple[int, int]:
+        """The dead producer's own (last sent seq, dropped) counters; the file is removed."""
+        path = counter_path(self.cfg.runtime_dir, pid, sid)
+        try:
+            data = path.read_bytes()
+            path.unlink()
+            return COUNTER.unpack(data[: COUNTER.size]) if len(data) >= COUNTER.size else (0, 0)  # type: ignore[return-value]
+        except OSError:
+            return 0, 0
+
+    def sweep_counters(self) -> None:
+        """Report producers that died while no agent ran: their queued frames were all lost."""
+        known = set(self.sink.pids)
+        try:
+            names = os.listdir(self.cfg.runtime_dir / COUNTERS_DIR)
+        except OSError:
+            return
+        for name in names:
+            ids = parse_counter_name(name)
+            if ids is None or ids[1] in known or pid_alive(ids[0]):
+                continue
+            last_sent, dropped = self._read_counter(*ids)
+            if last_sent or dropped:
+                self._report_gone(ids[1], ids[0], last_sent, dropped)
+
+    def _report_gone(self, sid: int, pid: int, last_sent: int, dropped: int) -> None:
+        gone = ProducerGone(last_sent, dropped)
+        self.ingest.internal.put(encode(Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, gone)))
+        log.info("producer sid=%x pid=%d ended last_sent=%d dropped=%d", sid, pid, last_sent, dropped)
+
     async def watch(self) -> None:
         """Report producers whose process ended, through the WAL so it is ordered and durable."""
         reported: set[int] = set()
         interval = self.cfg.watch_interval_s
         wd = systemd.watchdog_interval_s()
         last_wd = 0.0
+        self.sweep_counters()
         while True:
             pids = self.sink.pids
             for sid, pid in pids.items():
                 if sid not in reported and not pid_alive(pid):
                     reported.add(sid)
-                    frame = Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, ProducerGone(0))
-                    self.ingest.internal.put(encode(frame))
-                    log.info("producer sid=%x pid=%d ended", sid, pid)
+                    self._report_gone(sid, pid, *self._read_counter(pid, sid))
             reported &= set(pids)
             if wd is not None and time.monotonic() - last_wd >= wd:
                 systemd.notify("WATCHDOG=1")

@@ -32,7 +32,11 @@ from ._frames import decode as decode
 from ._frames import encode as encode
 from ._frames import frame_head as frame_head
 from ._names import check_prefix as check_prefix
+from ._paths import COUNTER as COUNTER
+from ._paths import COUNTERS_DIR as COUNTERS_DIR
+from ._paths import counter_path as counter_path
 from ._paths import ensure_private_dir as ensure_private_dir
+from ._paths import parse_counter_name as parse_counter_name
 from ._paths import runtime_dir as runtime_dir
 from ._paths import state_dir as state_dir
 from ._names import check_root as check_root
@@ -42,6 +46,8 @@ from ._names import split_name as split_name
 from ._names import track_dir_name as track_dir_name
 
 __all__ = [
+    "COUNTER",
+    "COUNTERS_DIR",
     "AGENT_LOCK",
     "CONTROL_SOCKET",
     "INGEST_SOCKET",
@@ -70,11 +76,13 @@ __all__ = [
     "UnsupportedVersion",
     "check_prefix",
     "check_root",
+    "counter_path",
     "decode",
     "encode",
     "ensure_private_dir",
     "frame_head",
     "metric_dir_parts",
+    "parse_counter_name",
     "run_dir",
     "runtime_dir",
     "split_name",

@@ -126,8 +126,13 @@ class RunClose:
 
 @dataclass(frozen=True, slots=True)
 class ProducerGone:
-    """Written by the agent itself: the producer process ended without closing its runs."""
+    """Written by the agent itself: the producer process ended.
 
+    ``last_sent`` and ``dropped`` are the producer's own counters as it last wrote them to its
+    counter file, so frames that died in its send queue are counted too (0 if unknown).
+    """
+
+    last_sent: int
     dropped: int
 
 
@@ -170,7 +175,7 @@ def _wire_payload(payload: Payload) -> object:
         return [payload.dropped]
     if isinstance(payload, RunClose):
         return [payload.status, payload.reason, payload.dropped]
-    return [payload.dropped]
+    return [payload.last_sent, payload.dropped]
 
 
 def encode(frame: Frame) -> bytes:
@@ -261,8 +266,8 @@ def _payload(kind: Kind, raw: object) -> Payload:
         if reason is not None:
             _str(reason, "close reason")
         return RunClose(status, reason, _int(dropped, "dropped"))
-    (dropped,) = _list(raw, 1, "producer-gone payload")
-    return ProducerGone(_int(dropped, "dropped"))
+    last_sent, dropped = _list(raw, 2, "producer-gone payload")
+    return ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped"))
 
 
 _KINDS = {k.value: k for k in Kind}

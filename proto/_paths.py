@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from ._errors import ConfigError
+
+COUNTERS_DIR: Final = "producers"
+COUNTER: Final = struct.Struct("=QQ")
+"""A producer's counter file: (last seq handed to ZeroMQ, frames dropped), updated per send."""
+
+
+def counter_path(runtime_dir: Path, pid: int, sid: int) -> Path:
+    """Where producer ``sid`` of process ``pid`` keeps its counters, for the agent to read after it dies."""
+    return runtime_dir / COUNTERS_DIR / f"{pid}-{sid:016x}"
+
+
+def parse_counter_name(name: str) -> tuple[int, int] | None:
+    """``(pid, sid)`` of a counter file name, or None if it is not one."""
+    pid, _, sid = name.partition("-")
+    try:
+        return int(pid), int(sid, 16)
+    except ValueError:
+        return None
 
 
 def runtime_dir(environ: Mapping[str, str]) -> Path:

@@ -37,11 +37,12 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
     fr = st["frames"]
-    lost = fr["dropped_by_producers"] + fr["missing"] + fr["rejected"] + fr["dropped_disk_full"]
+    lost = fr["dropped_by_producers"] + fr["missing"] + fr["rejected"] + fr["dropped_disk_full"] + fr["lost_in_producer_queue"]
     print(f"agent pid {st['pid']} up {st['uptime_s']:.0f}s  runtime {st['runtime_dir']}")
     print(
         f"frames: received {fr['received']}  stored {fr['stored']}  written {fr['written']}  "
         f"rejected {fr['rejected']}  dropped by producers {fr['dropped_by_producers']}  missing {fr['missing']}  "
+        f"lost in producer queues {fr['lost_in_producer_queue']}  "
         f"disk-full {fr['dropped_disk_full']}  clashes {fr['clashes']}"
     )
     print(f"wal backlog {st['wal']['backlog']}  open rows {st['sink']['open_rows']}  lost in total {lost}")

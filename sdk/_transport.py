@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import mmap
 import os
 import secrets
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, frame_head
+from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, ConfigError, counter_path, ensure_private_dir, frame_head
 
 log = logging.getLogger("dashcar")
 
@@ -39,12 +40,33 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot log a value of type {type(obj).__name__}; use numbers, str, lists or dicts")
 
 
+_pack_counter = COUNTER.pack_into
+
+
+def _open_counter(path: Path) -> mmap.mmap | bytearray:
+    """Map this producer's counter file, which the agent reads if the process dies.
+
+    Without a usable runtime dir the counters go to plain memory: logging still works, only
+    the count of frames lost in the send queue at a crash is then unknown to the agent.
+    """
+    try:
+        ensure_private_dir(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except (OSError, ConfigError):
+        return bytearray(COUNTER.size)
+    try:
+        os.ftruncate(fd, COUNTER.size)
+        return mmap.mmap(fd, COUNTER.size)
+    finally:
+        os.close(fd)
+
+
 class Producer:
     """One thread's PUSH socket, producer id, sequence counter and drop counter."""
 
-    __slots__ = ("sock", "sid", "pid", "seq", "dropped", "_heads", "_packer", "_last_report")
+    __slots__ = ("sock", "sid", "pid", "seq", "dropped", "counter", "_heads", "_packer", "_last_report")
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, sndhwm: int, linger_ms: int) -> None:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path, endpoint: str, sndhwm: int, linger_ms: int) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
@@ -53,6 +75,7 @@ class Producer:
         self.pid = os.getpid()
         self.seq = 0
         self.dropped = 0
+        self.counter = _open_counter(counter_path(runtime_dir, self.pid, self.sid))
         self._heads: dict[tuple[int, str, str], bytes] = {}
         self._packer = msgpack.Packer(default=_default)
         self._last_report = 0.0
@@ -82,6 +105,7 @@ class Producer:
             self._drop()
             return 0
         self.seq = seq
+        _pack_counter(self.counter, 0, seq, self.dropped)
         return seq
 
     def _send_waiting(self, data: bytes, wait_s: float) -> bool:
@@ -97,6 +121,7 @@ class Producer:
 
     def _drop(self) -> None:
         self.dropped += 1
+        _pack_counter(self.counter, 0, self.seq, self.dropped)
         now = time.monotonic()
         if now - self._last_report >= DROP_REPORT_INTERVAL_S:
             self._last_report = now
@@ -122,7 +147,7 @@ class Transport:
         """This thread's producer, created on first use."""
         p: Producer | None = getattr(self._local, "p", None)
         if p is None:
-            p = Producer(self.ctx, self.endpoint, self.sndhwm, self.linger_ms)
+            p = Producer(self.ctx, self.runtime_dir, self.endpoint, self.sndhwm, self.linger_ms)
             self._local.p = p
             with self._lock:
                 self._producers.append(p)

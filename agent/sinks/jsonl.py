@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dashcar.proto import Frame, Kind, Meta, ProtocolError, decode, run_dir
+from dashcar.proto import Frame, Kind, Meta, ProducerGone, ProtocolError, decode, run_dir
 
 from .. import merge
 from ..errors import SinkRetryable
@@ -74,6 +74,7 @@ class Batch:
     runs: set[str] = field(default_factory=set)
     files: set[str] = field(default_factory=set)
     producers: set[int] = field(default_factory=set)
+    loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_put: set[tuple[str, str, float]] = field(default_factory=set)
     rows_del: set[bytes] = field(default_factory=set)
     dropped_runs: set[str] = field(default_factory=set)
@@ -135,8 +136,11 @@ class JsonlSink:
             redo_keys.append(k)
         if redo_keys:
             wal.commit({}, redo_keys, 0)
-        for path, fs in self.files.items():
+        for path, fs in list(self.files.items()):
             self._truncate_to_committed(path, fs)
+            run = self.runs.get(fs["run"])
+            if run is not None and path not in run["files"]:
+                run["files"].append(path)
         for run in self.runs:
             self._write_derived_run(run, all_files=True)
         self._publish_pids()
@@ -145,7 +149,7 @@ class JsonlSink:
         try:
             size = os.path.getsize(path)
         except FileNotFoundError:
-            size = -1
+            size = 0
         if size > fs["size"]:
             with open(path, "r+b") as f:
                 f.truncate(fs["size"])
@@ -189,6 +193,7 @@ class JsonlSink:
         st = self.runs.get(path)
         if st is None:
             st = self.runs[path] = self._load_run(f.root, f.prefix, path)
+            st["files"] = [p for p, fs in self.files.items() if fs["run"] == path]
             for sub in ("logs", "metrics", "files"):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
         b.runs.add(path)
@@ -222,6 +227,7 @@ class JsonlSink:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fs = self.files[path] = self._load_file(path, kind, topic, name, run)
             fs["folder"] = folder
+            b.loaded[path] = dict(fs)
             self.runs[run]["files"].append(path)
             if fs["size"] == 0:
                 b.new_files.add(path)
@@ -272,7 +278,7 @@ class JsonlSink:
     def _apply(self, f: Frame, b: Batch) -> None:
         ps = self._producer(f.sid, f.pid, b)
         if f.kind is Kind.PRODUCER_GONE:
-            self._producer_gone(f.sid, ps, b)
+            self._producer_gone(f.sid, ps, f.payload, b)  # type: ignore[arg-type]
             return
         path = run_dir(f.root, f.prefix)
         known = self.runs.get(path)
@@ -300,6 +306,7 @@ class JsonlSink:
                 self._maybe_close(path, known, b)
             return
         path, run = self._run(f, b)
+        ps["last_run"] = path
         self._count(run, "frames")
         if run["producers"].get(str(f.sid)) != "open":
             run["producers"][str(f.sid)] = "open"
@@ -352,7 +359,12 @@ class JsonlSink:
             self._count(run, "dropped_by_producer", dropped - ps["dropped"])
             ps["dropped"] = dropped
 
-    def _producer_gone(self, sid: int, ps: dict[str, Any], b: Batch) -> None:
+    def _producer_gone(self, sid: int, ps: dict[str, Any], gone: ProducerGone, b: Batch) -> None:
+        last_run = self.runs.get(ps.get("last_run") or "")
+        if gone.last_sent > ps["last"]:
+            self._count(last_run, "lost_in_producer_queue", gone.last_sent - ps["last"])
+            ps["last"] = gone.last_sent
+        self._reported(ps, last_run, gone.dropped)
         for path in ps["runs"]:
             run = self.runs.get(path)
             if run is None:
@@ -473,6 +485,10 @@ class JsonlSink:
 
     # ------------------------------------------------------------ write, commit
     def _write_and_commit(self, b: Batch) -> None:
+        if b.loaded:
+            # Register files first met in this batch at their size before it, so a crash between
+            # writing them and the commit below is truncated away like any uncommitted append.
+            self.wal.commit({b"f:" + p.encode(): fs for p, fs in b.loaded.items()}, [], 0)
         try:
             for path, (offset, lines) in b.appends.items():
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)

@@ -25,7 +25,7 @@ def test_bad_frames_are_rejected_counted_and_contained(agent: AgentHandle, dirs:
         (msgpack.packb([v, Kind.METRIC, 1, 2, root, "a/b", 1, ["m/../../../x", [{}], "metrics"]]), "name"),
         (msgpack.packb([v, Kind.METRIC, 1, 2, root, "a/b", 1, ["m", [{}], "../etc"]]), "malformed"),
         (msgpack.packb([v, Kind.TRACK, 1, 2, "relative", "a/b", 1, ["t", 1.0, {}]]), "name"),
-        (msgpack.packb([v, Kind.PRODUCER_GONE, 1, 2, root, "a/b", 1, [0]]), "malformed"),
+        (msgpack.packb([v, Kind.PRODUCER_GONE, 1, 2, root, "a/b", 1, [0, 0]]), "malformed"),
         (msgpack.packb([v, Kind.TRACK, 1, 2, root, "a/b", 1, ["t", float("nan"), {}]]), "malformed"),
     ]
     ctx = zmq.Context()

@@ -123,3 +123,43 @@ def test_forked_child_logs_under_its_own_identity_and_nothing_twice(agent: Agent
     rows = read_jsonl(exp.run_dir / "tracks" / "t" / "data.jsonl")
     assert rows == [{"timestamp": 0.0, "parent": 1}, {"timestamp": 1.0, "child": 1}, {"timestamp": 2.0, "parent": 2}]
     wait_until(lambda: read_json(exp.run_dir / "experiment.json")["status"] == "completed", 10, "run closed once the child is gone")
+
+
+def test_frames_dying_in_a_killed_producers_queue_are_counted(agent: AgentHandle, producers: Any) -> None:
+    """The agent is frozen (SIGSTOP) while a producer fills its queue and is SIGKILLed: whatever
+    never reached the agent is reported from the producer's counter file, not lost silently."""
+    proc = producers(
+        f"""
+        import sys, dashcar
+        exp = dashcar.Experiment(prefix="lab/robot/tail", dash_root={str(agent.data_dir)!r}).start()
+        assert exp.flush()
+        print("open", flush=True)
+        sys.stdin.readline()
+        for i in range(20000):
+            exp.tracks("t").append(i=i, _ts=float(i))
+        print("sent", flush=True)
+        sys.stdin.readline()
+        """,
+        agent.env(),
+    )
+    assert proc.stdout.readline().strip() == "open"
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "sent"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    run = agent.data_dir / "lab" / "robot" / "tail"
+    wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "crashed", 20, "run closed as crashed")
+    counters = read_json(run / "experiment.json")["dashcar"]["counters"]
+    path = run / "tracks" / "t" / "data.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    lost = counters.get("lost_in_producer_queue", 0) + counters.get("dropped_by_producer", 0)
+    assert lost > 0, "some frames were still in the producer's queue"
+    assert len(rows) + lost == 20000, "every frame is on disk or counted"
+    assert [r["i"] for r in rows] == list(range(len(rows)))
+    assert agent.status()["frames"]["lost_in_producer_queue"] == counters.get("lost_in_producer_queue", 0)

@@ -38,7 +38,7 @@ def test_every_kind_round_trips(kind: Kind, payload: object) -> None:
 
 
 def test_internal_kinds_are_refused_from_the_wire() -> None:
-    frame = Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 1, ProducerGone(0))
+    frame = Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 1, ProducerGone(10, 2))
     with pytest.raises(DecodeError):
         decode(encode(frame))
     assert decode(encode(frame), internal=True) == frame
