@@ -27,11 +27,10 @@ import anyio
 import lmdb
 from anyio.abc import TaskStatus
 
-from dashcar.proto import COUNTER, COUNTERS_DIR, Frame, Kind, ProducerGone, counter_path, encode, parse_counter_name
+from dashcar.proto import COUNTER, COUNTERS_DIR, DashcarError, Frame, Kind, ProducerGone, counter_path, encode, parse_counter_name
 
 from . import control, systemd
 from .config import AgentConfig
-from .errors import SinkError
 from .ingest import Ingest
 from .sinks.jsonl import JsonlSink
 from .wal import Wal
@@ -131,14 +130,14 @@ class Agent:
                     continue
                 self.sink_error = None
                 backoff = 0.05
-            except (SinkError, OSError, lmdb.Error) as exc:
+            except (DashcarError, OSError, lmdb.Error) as exc:
                 self.sink_error = str(exc)
                 log.warning("sink=jsonl write failed, retrying in %.2fs: %s", backoff, exc)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
                 try:
                     self.sink.recover()
-                except (OSError, lmdb.Error) as exc2:
+                except (DashcarError, OSError, lmdb.Error) as exc2:
                     log.warning("sink=jsonl recovery failed: %s", exc2)
                 continue
             if progressed:

@@ -73,7 +73,7 @@ class AgentHandle:
 
     def status(self) -> dict[str, Any]:
         st = self.request({"op": "status"})
-        assert st is not None, "agent did not answer status"
+        assert st is not None, f"agent did not answer status:\n{self.log()[-4000:]}"
         return st
 
     def flush(self) -> None:

@@ -39,6 +39,8 @@ from . import layout
 
 log = logging.getLogger(__name__)
 
+GC_INTERVAL_S = 0.5
+GC_RECORDS = 65_536
 MAX_GONE_PRODUCERS = 10_000
 """Ended producers remembered (with their last seq) so late frames still count gaps right."""
 _STATUS_RANK = {"completed": 0, "cancelled": 1, "failed": 2, "crashed": 3}
@@ -106,6 +108,7 @@ class JsonlSink:
         self.flushed: dict[int, int] = {}
         self.pids: dict[int, int] = {}
         self._track_paths: dict[tuple[str, str], str] = {}
+        self._gc_done, self._gc_at = 0, 0.0
         self.recover()
 
     # ----------------------------------------------------------------- recovery
@@ -135,7 +138,7 @@ class JsonlSink:
             self._apply_redo(k[2:].decode(), pos, data)
             redo_keys.append(k)
         if redo_keys:
-            wal.commit({}, redo_keys, 0)
+            wal.commit({}, redo_keys)
         for path, fs in list(self.files.items()):
             self._truncate_to_committed(path, fs)
             run = self.runs.get(fs["run"])
@@ -162,7 +165,7 @@ class JsonlSink:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, pos)
-            os.pwrite(fd, data, pos)
+            layout.pwrite_all(fd, data, pos)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -488,12 +491,12 @@ class JsonlSink:
         if b.loaded:
             # Register files first met in this batch at their size before it, so a crash between
             # writing them and the commit below is truncated away like any uncommitted append.
-            self.wal.commit({b"f:" + p.encode(): fs for p, fs in b.loaded.items()}, [], 0)
+            self.wal.commit({b"f:" + p.encode(): fs for p, fs in b.loaded.items()}, [])
         try:
             for path, (offset, lines) in b.appends.items():
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
                 try:
-                    os.pwrite(fd, "".join(lines).encode(), offset)
+                    layout.pwrite_all(fd, "".join(lines).encode(), offset)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -527,12 +530,12 @@ class JsonlSink:
             puts[b"x:" + fpath.encode()] = redo
         for k in puts:
             deletes.discard(k)
-        self.wal.commit(puts, deletes, self.cursor)
+        self.wal.commit(puts, deletes)
         try:
             if b.redos:
                 for fpath, (pos, data) in b.redos.items():
                     self._apply_redo(fpath, pos, data)
-                self.wal.commit({}, [b"x:" + p.encode() for p in b.redos], 0)
+                self.wal.commit({}, [b"x:" + p.encode() for p in b.redos])
             for path in b.runs:
                 if path in self.runs:
                     self._write_derived_run(path, files=b.files)
@@ -547,10 +550,18 @@ class JsonlSink:
                     ps["runs"].remove(path)
             log.info("run=%s closed status=%s", path, run["status"])
         self._publish_pids()
+        self._maybe_gc()
         if b.acks:
             with self.cond:
                 self.flushed.update(b.acks)
                 self.cond.notify_all()
+
+    def _maybe_gc(self) -> None:
+        """Drop WAL records this sink has committed past, at most once per ``GC_INTERVAL_S``."""
+        now = self.clock()
+        if self.cursor > self._gc_done and (now - self._gc_at >= GC_INTERVAL_S or self.cursor - self._gc_done >= GC_RECORDS):
+            self.wal.gc(self.cursor)
+            self._gc_done, self._gc_at = self.cursor, now
 
     def _publish_pids(self) -> None:
         self.pids = {sid: ps["pid"] for sid, ps in self.producers.items() if not ps.get("gone")}

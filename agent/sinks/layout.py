@@ -87,6 +87,16 @@ def write_atomic(path: str, text: str, *, durable: bool = False) -> None:
         fsync_dir(os.path.dirname(path))
 
 
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; a short write (a filling disk) continues or raises."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view, offset = view[n:], offset + n
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so a created or renamed entry survives a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

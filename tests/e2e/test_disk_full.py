@@ -1,0 +1,75 @@
+"""Disk full: the agent keeps running, says so, drops and counts instead of corrupting, and resumes
+by itself when space returns. Uses a real tmpfs for the data root and a small WAL cap."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import AgentHandle, read_json, read_jsonl, wait_until
+
+N = 30_000
+
+
+@pytest.fixture
+def small_disk(dirs: Path) -> Iterator[Path]:
+    mnt = dirs / "data"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_data_disk_and_full_wal_drop_count_and_recover(small_disk: Path, agent_factory: Any, producers: Any) -> None:
+    agent: AgentHandle = agent_factory("--merge-window-s", "0.05", "--wal-max-bytes", str(4 * 1024 * 1024)).start()
+    assert agent.data_dir == small_disk
+    proc = producers(
+        f"""
+        import sys, time, dashcar
+        exp = dashcar.Experiment(prefix="lab/disk/full", dash_root={str(agent.data_dir)!r}, echo_logs=False).start()
+        for i in range({N}):
+            exp.tracks("t").append(i=i, pad="x" * 200, _ts=float(i))
+            if i % 1000 == 999:
+                time.sleep(0.02)
+        print("sent", flush=True)
+        sys.stdin.readline()
+        exp.complete()
+        print("closed", flush=True)
+        """,
+        agent.env(),
+    )
+    assert proc.stdout.readline().strip() == "sent"
+    st = wait_until(lambda: (s := agent.status())["sink"]["error"] and s["frames"]["dropped_disk_full"] and s, 60,
+                    "the sink to hit the full disk and the WAL to reach its cap")
+    assert "No space left" in st["sink"]["error"]
+    assert "cap" in (st["wal"]["error"] or "")
+    assert agent.proc is not None and agent.proc.poll() is None, "the agent keeps running"
+    assert "WARNING" in agent.log()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "closed"
+    run = small_disk / "lab" / "disk" / "full"
+    try:
+        wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 60, "run completed")
+    except AssertionError:
+        print(agent.status(), agent.log()[-3000:])
+        raise
+    st = agent.status()
+    assert st["sink"]["error"] is None and st["wal"]["backlog"] == 0
+    rows = read_jsonl(run / "tracks" / "t" / "data.jsonl")
+    stamps = [r["timestamp"] for r in rows]
+    assert stamps == sorted(set(stamps)), "no torn, duplicated or unsorted line"
+    counters = read_json(run / "experiment.json")["dashcar"]["counters"]
+    lost = counters.get("missing", 0) + counters.get("dropped_by_producer", 0)
+    assert counters.get("missing", 0) > 0
+    assert len(rows) + lost == N, (counters, st["frames"])
+    assert st["frames"]["dropped_disk_full"] <= counters["missing"]
