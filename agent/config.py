@@ -26,10 +26,10 @@ class AgentConfig:
     wal_sync: bool = True
     merge_window_s: float = 1.0
     max_open_rows: int = 200_000
-    ingest_batch: int = 8192
+    ingest_batch: int = 4096
     group_commit_s: float = 0.02
     sink_batch: int = 8192
-    rcvhwm: int = 20_000
+    rcvhwm: int = 4096
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"

@@ -99,6 +99,7 @@ class Agent:
                 "missing": sc.get("missing", 0),
                 "lost_in_producer_queue": sc.get("lost_in_producer_queue", 0),
                 "written": sc.get("frames", 0),
+                "control": sc.get("control_frames", 0),
                 "clashes": sc.get("clashes", 0),
             },
             "wal": {"backlog": self.wal.backlog(self.sink.cursor), "bytes": self.wal.used_bytes(), "error": self.ingest.wal_error},

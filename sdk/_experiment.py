@@ -31,6 +31,8 @@ from ._tracks import TracksManager
 log = logging.getLogger("dashcar")
 
 FLUSH_TIMEOUT_S = 5.0
+FLUSH_RESEND_S = 1.0
+"""A barrier not confirmed within this long is sent again (the agent may have restarted)."""
 _MISSING: Any = object()
 
 
@@ -191,23 +193,32 @@ class Experiment:
         return self.params
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
-        """Barrier: True once the agent has written everything this thread sent before it."""
+        """Barrier: True once the agent has written everything this thread sent before it.
+
+        Frames lost on the way (an agent killed inside its commit window) count as handled:
+        the agent reports them as missing. A barrier lost that way is sent again.
+        """
+        return self._flush(timeout_s)
+
+    def _flush(self, timeout_s: float, before: tuple[int, object] | None = None) -> bool:
         if not self._open:
             return True
         t = self._live_transport()
         p = t.producer()
-        deadline = time.monotonic() + timeout_s
-        seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),), wait_s=timeout_s)
-        if seq == 0:
-            log.warning("dashcar: flush of %s could not be sent within %.1f s (agent unreachable)", self.prefix, timeout_s)
-            return False
         assert self._runtime_dir is not None
-        left = max(0.1, deadline - time.monotonic())
-        reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": left}, left + 0.5)
-        if reply is None or not reply.get("ok"):
-            log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
-            return False
-        return True
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if before is not None:
+                p.send(before[0], self.dash_root, self.prefix, before[1], wait_s=left)
+            seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),), wait_s=left)
+            if seq == 0:
+                break
+            wait_s = max(0.05, min(FLUSH_RESEND_S, deadline - time.monotonic()))
+            reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}, wait_s + 0.5)
+            if reply is not None and reply.get("ok"):
+                return True
+        log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
+        return False
 
     def _barrier(self) -> None:
         """Before a read: wait until the agent wrote what this thread sent (skipped if no agent runs)."""
@@ -252,12 +263,12 @@ class Experiment:
     def _close(self, status: str, reason: str | None, *, wait: bool = True) -> None:
         if not self._open:
             return
-        if os.getpid() == self._owner_pid:
-            t = self._live_transport()
-            t.producer().send(Kind.RUN_CLOSE, self.dash_root, self.prefix, (status, reason, t.dropped()),
-                              wait_s=FLUSH_TIMEOUT_S if wait else 0.0)
+        t = self._live_transport()
+        close = (Kind.RUN_CLOSE, (status, reason, t.dropped())) if os.getpid() == self._owner_pid else None
         if wait:
-            self.flush()
+            self._flush(FLUSH_TIMEOUT_S, before=close)
+        elif close is not None:
+            t.producer().send(close[0], self.dash_root, self.prefix, close[1])
         self._open = False
         with _open_lock:
             _open_experiments.discard(self)

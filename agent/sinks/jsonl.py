@@ -15,8 +15,10 @@ Invariants
   open row of its topic with a smaller timestamp, so late rows are rare.
 - ``experiment.json``, ``parameters.json``, ``metadata.json`` and ``.log_sequence`` are derived
   from the committed state and replaced atomically after each commit and on recovery.
-- A run closes when every producer attached to it has closed or died; its state is then
-  dropped from LMDB (files on disk are the record, and a reopened run reloads from them).
+- A run closes when every producer attached to it has closed or died. Its final state is
+  committed and its ``experiment.json`` written; only the next commit drops its state from
+  LMDB (files on disk are then the record, and a reopened run reloads from them), so a crash
+  in between rewrites the final files on recovery instead of leaving them stale.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class Batch:
     loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_put: set[tuple[str, str, float]] = field(default_factory=set)
     rows_del: set[bytes] = field(default_factory=set)
-    dropped_runs: set[str] = field(default_factory=set)
+    closed_runs: set[str] = field(default_factory=set)
     dropped_producers: set[int] = field(default_factory=set)
     settle: set[str] = field(default_factory=set)
     acks: dict[int, int] = field(default_factory=dict)
@@ -109,6 +111,7 @@ class JsonlSink:
         self.pids: dict[int, int] = {}
         self._track_paths: dict[tuple[str, str], str] = {}
         self._gc_done, self._gc_at = 0, 0.0
+        self._drop_next: set[str] = set()
         self.recover()
 
     # ----------------------------------------------------------------- recovery
@@ -146,7 +149,13 @@ class JsonlSink:
                 run["files"].append(path)
         for run in self.runs:
             self._write_derived_run(run, all_files=True)
+        self._drop_next = {p for p in self.runs if self._closed(p)}
         self._publish_pids()
+
+    def _closed(self, path: str) -> bool:
+        """A run that is closed, written out, and has no open rows: its state can go."""
+        run = self.runs.get(path)
+        return run is not None and run["status"] != "running" and not any(k[0] == path for k in self.rows)
 
     def _truncate_to_committed(self, path: str, fs: dict[str, Any]) -> None:
         try:
@@ -273,7 +282,7 @@ class JsonlSink:
         if records:
             self.cursor = records[-1][0]
         self._settle_due(b, settle_all)
-        if not records and not b.rows_del and not b.appends and not b.redos:
+        if not records and not b.rows_del and not b.appends and not b.redos and not self._drop_next:
             return False
         self._write_and_commit(b)
         return True
@@ -293,6 +302,8 @@ class JsonlSink:
         ps["last"] = f.seq
         ps["gone"] = False
         kind, p = f.kind, f.payload
+        if kind is Kind.FLUSH or kind is Kind.RUN_CLOSE:
+            self._count(known, "control_frames")
         if kind is Kind.FLUSH:
             self._reported(ps, known, p.dropped)  # type: ignore[union-attr]
             b.settle.update(ps["runs"])
@@ -448,7 +459,7 @@ class JsonlSink:
         for path in list(b.runs):
             run = self.runs.get(path)
             if run is not None and run["status"] != "running" and not any(k[0] == path for k in self.rows):
-                b.dropped_runs.add(path)
+                b.closed_runs.add(path)
 
     def _settle(self, path: str, topic: str, rows: dict[float, Row], upto: float, b: Batch) -> None:
         done = sorted(ts for ts in rows if ts <= upto)
@@ -506,16 +517,17 @@ class JsonlSink:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
         puts: dict[bytes, object] = {b"c": self.cursor, b"g": self.counters}
         deletes: set[bytes] = set(b.rows_del)
+        dropping = {p for p in self._drop_next if self._closed(p)}
+        self._drop_next.clear()
+        for path in dropping:
+            deletes.add(b"r:" + path.encode())
+            deletes.update(b"f:" + fpath.encode() for fpath in self.runs[path]["files"])
         for path in b.runs:
-            if path in b.dropped_runs:
-                deletes.add(b"r:" + path.encode())
-                for fpath in self.runs[path]["files"]:
-                    deletes.add(b"f:" + fpath.encode())
-            elif path in self.runs:
+            if path in self.runs and path not in dropping:
                 puts[b"r:" + path.encode()] = self.runs[path]
         for fpath in b.files:
             fs = self.files.get(fpath)
-            if fs is not None and fs["run"] not in b.dropped_runs:
+            if fs is not None and fs["run"] not in dropping:
                 puts[b"f:" + fpath.encode()] = fs
         for sid in b.producers:
             if sid in self.producers:
@@ -541,14 +553,16 @@ class JsonlSink:
                     self._write_derived_run(path, files=b.files)
         except OSError as exc:
             raise SinkRetryable(f"writing derived files failed: {exc}") from exc
-        for path in b.dropped_runs:
+        for path in dropping:
             run = self.runs.pop(path)
             for fpath in run["files"]:
                 self.files.pop(fpath, None)
             for ps in self.producers.values():
                 if path in ps["runs"]:
                     ps["runs"].remove(path)
-            log.info("run=%s closed status=%s", path, run["status"])
+        for path in b.closed_runs:
+            log.info("run=%s closed status=%s", path, self.runs[path]["status"])
+        self._drop_next |= b.closed_runs
         self._publish_pids()
         self._maybe_gc()
         if b.acks:
