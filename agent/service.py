@@ -131,14 +131,17 @@ class Agent:
                     continue
                 self.sink_error = None
                 backoff = 0.05
-            except (DashcarError, OSError, lmdb.Error) as exc:
+            except Exception as exc:
                 self.sink_error = str(exc)
-                log.warning("sink=jsonl write failed, retrying in %.2fs: %s", backoff, exc)
+                if isinstance(exc, (DashcarError, OSError, lmdb.Error)):
+                    log.warning("sink=jsonl write failed, retrying in %.2fs: %s", backoff, exc)
+                else:
+                    log.exception("sink=jsonl failed unexpectedly, recovering in %.2fs", backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 try:
                     self.sink.recover()
-                except (DashcarError, OSError, lmdb.Error) as exc2:
+                except Exception as exc2:
                     log.warning("sink=jsonl recovery failed: %s", exc2)
                 continue
             if progressed:

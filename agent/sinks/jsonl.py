@@ -517,7 +517,7 @@ class JsonlSink:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
         puts: dict[bytes, object] = {b"c": self.cursor, b"g": self.counters}
         deletes: set[bytes] = set(b.rows_del)
-        dropping = {p for p in self._drop_next if self._closed(p)}
+        dropping = {p for p in self._drop_next if self._closed(p) and p not in b.closed_runs and p not in b.runs}
         self._drop_next.clear()
         for path in dropping:
             deletes.add(b"r:" + path.encode())
