@@ -25,7 +25,7 @@ class AgentConfig:
     wal_max_bytes: int = 16 * 1024**3
     wal_sync: bool = True
     merge_window_s: float = 1.0
-    max_open_rows: int = 200_000
+    max_open_rows: int = 20_000
     ingest_batch: int = 4096
     group_commit_s: float = 0.02
     sink_batch: int = 8192

@@ -97,7 +97,7 @@ class JsonlSink:
         wal: Wal,
         *,
         merge_window_s: float = 1.0,
-        max_open_rows: int = 200_000,
+        max_open_rows: int = 20_000,
         batch_records: int = 8192,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -4,6 +4,7 @@ by itself when space returns. Uses a real tmpfs for the data root and a small WA
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,40 @@ def test_full_data_disk_and_full_wal_drop_count_and_recover(small_disk: Path, ag
     assert counters.get("missing", 0) > 0
     assert len(rows) + 1 + counters.get("control_frames", 0) + lost == int(sent), "every frame is on disk or counted"
     assert st["frames"]["dropped_disk_full"] <= counters["missing"]
+
+
+def rss_anon_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
+
+
+def test_a_growing_backlog_keeps_agent_memory_flat(small_disk: Path, agent_factory: Any, producers: Any) -> None:
+    """The sink cannot write (full disk) while 300 000 frames pile up: they wait in the WAL on
+    disk, and the agent's private memory stays flat."""
+    agent: AgentHandle = agent_factory("--merge-window-s", "0.05").start()
+    assert agent.proc is not None
+    n = 300_000
+    proc = producers(
+        f"""
+        import dashcar
+        exp = dashcar.Experiment(prefix="lab/backlog/run", dash_root={str(agent.data_dir)!r}, echo_logs=False).start()
+        q = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+        for i in range({n}):
+            exp.tracks("robot/state").append(q=q, qd=q, tau=q, i=i, _ts=i * 0.001)
+        print("sent", flush=True)
+        input()
+        """,
+        {**agent.env(), "DASHCAR_SNDHWM": str(n)},
+    )
+    samples = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        samples.append(rss_anon_mb(agent.proc.pid))
+        if agent.status()["frames"]["stored"] >= n:
+            break
+        time.sleep(0.05)
+    st = agent.status()
+    assert st["wal"]["backlog"] >= 0.9 * n and st["sink"]["error"], "the backlog is on disk, the sink blocked"
+    assert max(samples) < 150, f"agent RssAnon peaked at {max(samples):.0f} MB"
