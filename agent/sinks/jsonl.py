@@ -112,20 +112,31 @@ class JsonlSink:
         self._track_paths: dict[tuple[str, str], str] = {}
         self._gc_done, self._gc_at = 0, 0.0
         self._drop_next: set[str] = set()
-        self.recover()
+        self.cursor = 0
+        self.counters: dict[str, int] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, dict[str, Any]] = {}
+        self.producers: dict[int, dict[str, Any]] = {}
+        self.rows: dict[tuple[str, str], dict[float, Row]] = {}
+        self.recovered = False
 
     # ----------------------------------------------------------------- recovery
     def recover(self) -> None:
-        """(Re)load committed state, re-apply redo records, truncate uncommitted bytes."""
+        """(Re)load committed state, re-apply redo records, truncate uncommitted bytes.
+
+        Called before the first step and after any failed one; it may itself fail (a full
+        disk), in which case the caller retries it later and no step runs meanwhile.
+        """
+        self.recovered = False
         wal = self.wal
-        self.cursor: int = int(wal.get_sink(b"c", 0))  # type: ignore[call-overload]
-        self.counters: dict[str, int] = dict(wal.get_sink(b"g", {}))  # type: ignore[call-overload]
-        self.runs: dict[str, dict[str, Any]] = {k[2:].decode(): v for k, v in wal.sink_items(b"r:")}  # type: ignore[misc]
-        self.files: dict[str, dict[str, Any]] = {k[2:].decode(): v for k, v in wal.sink_items(b"f:")}  # type: ignore[misc]
-        self.producers: dict[int, dict[str, Any]] = {
+        self.cursor = int(wal.get_sink(b"c", 0))  # type: ignore[call-overload]
+        self.counters = dict(wal.get_sink(b"g", {}))  # type: ignore[call-overload]
+        self.runs = {k[2:].decode(): v for k, v in wal.sink_items(b"r:")}  # type: ignore[misc]
+        self.files = {k[2:].decode(): v for k, v in wal.sink_items(b"f:")}  # type: ignore[misc]
+        self.producers = {
             int.from_bytes(k[2:], "big"): v for k, v in wal.sink_items(b"p:")  # type: ignore[misc]
         }
-        self.rows: dict[tuple[str, str], dict[float, Row]] = {}
+        self.rows = {}
         now = self.clock()
         for k, v in wal.sink_items(b"o:"):
             run, topic, _ = k[2:].split(b"\0", 2)
@@ -151,6 +162,7 @@ class JsonlSink:
             self._write_derived_run(run, all_files=True)
         self._drop_next = {p for p in self.runs if self._closed(p)}
         self._publish_pids()
+        self.recovered = True
 
     def _closed(self, path: str) -> bool:
         """A run that is closed, written out, and has no open rows: its state can go."""
@@ -269,6 +281,8 @@ class JsonlSink:
     # --------------------------------------------------------------- processing
     def step(self, *, settle_all: bool = False) -> bool:
         """Process one batch of WAL records (and due rows); True if anything changed."""
+        if not self.recovered:
+            self.recover()
         records = self.wal.read(self.cursor, self.batch_records)
         b = Batch()
         for wseq, raw in records:
