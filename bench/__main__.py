@@ -18,7 +18,7 @@ from typing import Any
 
 from bench._util import git_commit
 
-BENCHES = ["bench.bench_hotpath", "bench.bench_ingest"]
+BENCHES = ["bench.bench_hotpath", "bench.bench_loop", "bench.bench_peer", "bench.bench_ingest", "bench.bench_footprint"]
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -67,6 +67,34 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 t = r[key]["tight"]
                 lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
             lines.append("")
+    for r in results:
+        if r["bench"] == "loop":
+            lines += [
+                f"## A 1 kHz control loop ({r['seconds']:.0f} s): period error, and freshness",
+                "",
+                "| | p50 µs | p99 µs | p99.9 µs | max µs |",
+                "| --- | --- | --- | --- | --- |",
+                _row("period error, no logging", r["jitter_bare"]),
+                _row("period error, logging a 6-DOF state per cycle", r["jitter_logging"]),
+                _row("append → readable after flush()", r["freshness"]),
+                "",
+            ]
+        if r["bench"] == "peer":
+            lines += [
+                f"## Against the reference ml-dash client (local mode, {r['calls']} calls at 1 kHz)",
+                "",
+                "| client | p50 µs | p99 µs | p99.9 µs | max µs | rows on disk after SIGKILL at 1 s (1000 sent) |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for name in ("ml_dash", "dashcar"):
+                p = r[name]["paced"]
+                lines.append(f"| {name} | {p['p50_us']} | {p['p99_us']} | {p['p999_us']} | {p['max_us']} | "
+                             f"{r[name]['rows_on_disk_after_sigkill_at_1s']} |")
+            lines.append("")
+        if r["bench"] == "footprint":
+            lines += ["## Footprint", "", "| what | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v} |" for k, v in r.items() if k != "bench"]
+            lines.append("")
     ingest = [r for r in results if r["bench"] == "ingest"]
     if ingest:
         lines += [
@@ -81,7 +109,54 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 f"{r['dropped_by_producers']} | {r['missing']} | {r['agent_rss_anon_mb_peak']} |"
             )
         lines.append("")
+    lines += ["![call cost](bench_latency.png)", "", "![ingest](bench_ingest.png)", ""]
     return "\n".join(lines)
+
+
+def charts(results: list[dict[str, Any]]) -> None:
+    """Bar charts of the latency percentiles and the ingest rates, next to the tables."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; charts skipped", file=sys.stderr)
+        return
+    series: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r["bench"] == "hotpath":
+            series["raw pyzmq+msgpack"] = r["raw"]["paced"]
+            series["dashcar (agent up)"] = r["sdk_agent_up"]["paced"]
+            series["dashcar (agent absent)"] = r["sdk_agent_absent"]["paced"]
+        if r["bench"] == "peer":
+            series["ml-dash (buffered)"] = r["ml_dash"]["paced"]
+    if series:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        keys = ["p50_us", "p99_us", "p999_us"]
+        width = 0.8 / len(series)
+        for i, (name, p) in enumerate(series.items()):
+            ax.bar([k + i * width for k in range(len(keys))], [p[k] for k in keys], width, label=name)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], ["p50", "p99", "p99.9"])
+        ax.set_ylabel("µs per call, paced 1 kHz")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(DOC.parent / "bench_latency.png", dpi=100)
+        plt.close(fig)
+    ingest = [r for r in results if r["bench"] == "ingest"]
+    if ingest:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [str(r["producers"]) for r in ingest]
+        ax.bar([i - 0.2 for i in range(len(xs))], [r["wal_frames_per_s"] or 0 for r in ingest], 0.4, label="into WAL")
+        ax.bar([i + 0.2 for i in range(len(xs))], [r["jsonl_frames_per_s"] for r in ingest], 0.4, label="into merged JSONL")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_xlabel("producer processes")
+        ax.set_ylabel("frames/s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(DOC.parent / "bench_ingest.png", dpi=100)
+        plt.close(fig)
 
 
 def main() -> None:
@@ -93,6 +168,7 @@ def main() -> None:
     if not args.no_write:
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(render(results, args.quick))
+        charts(results)
         print(f"wrote {DOC}", file=sys.stderr)
 
 
