@@ -20,7 +20,7 @@ from typing import Any
 import lmdb
 import zmq
 
-from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, decode
+from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, validate
 
 from .errors import WALFull
 from .wal import Wal
@@ -116,7 +116,7 @@ class Ingest:
         good: list[bytes] = []
         for raw in raws:
             try:
-                decode(raw)
+                validate(raw)
             except ProtocolError as exc:
                 reason = exc.reason
                 self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1

@@ -31,6 +31,7 @@ from ._frames import Track as Track
 from ._frames import decode as decode
 from ._frames import encode as encode
 from ._frames import frame_head as frame_head
+from ._frames import validate as validate
 from ._names import check_prefix as check_prefix
 from ._paths import COUNTER as COUNTER
 from ._paths import COUNTERS_DIR as COUNTERS_DIR
@@ -88,4 +89,5 @@ __all__ = [
     "split_name",
     "state_dir",
     "track_dir_name",
+    "validate",
 ]

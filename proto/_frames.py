@@ -225,11 +225,20 @@ def _list(value: object, n: int, what: str) -> list[Any]:
     return value
 
 
-def _payload(kind: Kind, raw: object) -> Payload:
+def _payload(kind: Kind, raw: object, build: bool) -> Payload | None:
+    """Check a payload; build its dataclass only when ``build`` (ingest only validates)."""
     if kind is Kind.TRACK:
-        topic, ts, fields = _list(raw, 3, "track payload")
-        track_dir_name(topic)
-        return Track(topic, _number(ts, "track _ts"), _map(fields, "track fields"))
+        if type(raw) is not list or len(raw) != 3:
+            raise DecodeError("track payload must be an array of 3")
+        topic, ts, fields = raw
+        if type(topic) is not str:
+            raise DecodeError("track topic must be a str")
+        _check_name(topic, "track topic")
+        if type(ts) is not float or not math.isfinite(ts):
+            ts = _number(ts, "track _ts")
+        if type(fields) is not dict:
+            raise DecodeError("track fields must be a map")
+        return Track(topic, ts, fields) if build else None
     if kind is Kind.METRIC:
         name, points, folder = _list(raw, 3, "metric payload")
         metric_dir_parts(name)
@@ -237,7 +246,7 @@ def _payload(kind: Kind, raw: object) -> Payload:
             raise DecodeError("metric points must be an array of maps")
         if folder not in SERIES_FOLDERS:
             raise DecodeError(f"series folder must be one of {SERIES_FOLDERS}")
-        return Metric(name, points, folder)
+        return Metric(name, points, folder) if build else None
     if kind is Kind.META:
         target, name, info = _list(raw, 3, "meta payload")
         if target not in META_TARGETS:
@@ -246,38 +255,46 @@ def _payload(kind: Kind, raw: object) -> Payload:
             track_dir_name(name)
         else:
             metric_dir_parts(name)
-        return Meta(target, name, _map(info, "meta info"))
+        return Meta(target, name, _map(info, "meta info")) if build else None
     if kind is Kind.LOG:
         message, level, time, metadata = _list(raw, 4, "log payload")
         if metadata is not None:
             _map(metadata, "log metadata")
-        return Log(_str(message, "log message"), _str(level, "log level"), _number(time, "log time"), metadata)
+        log = Log(_str(message, "log message"), _str(level, "log level"), _number(time, "log time"), metadata)
+        return log if build else None
     if kind is Kind.PARAMS:
-        return Params(_map(raw, "params"))
+        return Params(_map(raw, "params")) if build else None
     if kind is Kind.RUN_OPEN:
-        return RunOpen(_map(raw, "run info"))
+        return RunOpen(_map(raw, "run info")) if build else None
     if kind is Kind.FLUSH:
         (dropped,) = _list(raw, 1, "flush payload")
-        return Flush(_int(dropped, "dropped"))
+        return Flush(_int(dropped, "dropped")) if build else None
     if kind is Kind.RUN_CLOSE:
         status, reason, dropped = _list(raw, 3, "close payload")
         if status not in RUN_STATUSES:
             raise DecodeError(f"run status must be one of {RUN_STATUSES}")
         if reason is not None:
             _str(reason, "close reason")
-        return RunClose(status, reason, _int(dropped, "dropped"))
+        return RunClose(status, reason, _int(dropped, "dropped")) if build else None
     last_sent, dropped = _list(raw, 2, "producer-gone payload")
-    return ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped"))
+    return ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped")) if build else None
+
+
+_checked_names: set[str] = set()
+
+
+def _check_name(name: str, what: str) -> None:
+    """Validate a topic once; valid names are remembered (bounded), invalid ones raise every time."""
+    if name not in _checked_names:
+        track_dir_name(name)
+        if len(_checked_names) < 65536:
+            _checked_names.add(name)
 
 
 _KINDS = {k.value: k for k in Kind}
 
 
-def decode(data: bytes, *, internal: bool = False) -> Frame:
-    """Decode and validate one frame; raises only ``ProtocolError`` subclasses.
-
-    :param internal: also accept the agent's own record kinds (read back from its WAL).
-    """
+def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
@@ -298,12 +315,26 @@ def decode(data: bytes, *, internal: bool = False) -> Frame:
         raise DecodeError(f"frame kind {kind_raw!r} is reserved for the agent")
     check_root(root)
     check_prefix(prefix)
-    return Frame(
-        kind,
-        _int(sid, "sid", 1),
-        _int(pid, "pid", 1, 2**31),
-        root,
-        prefix,
-        _int(seq, "seq", 1),
-        _payload(kind, payload),
-    )
+    if type(sid) is not int or not 1 <= sid < 2**64:
+        raise DecodeError("sid must be an int in [1, 2**64)")
+    if type(pid) is not int or not 1 <= pid <= 2**31:
+        raise DecodeError("pid must be an int in [1, 2**31]")
+    if type(seq) is not int or not 1 <= seq < 2**64:
+        raise DecodeError("seq must be an int in [1, 2**64)")
+    body = _payload(kind, payload, build)
+    return Frame(kind, sid, pid, root, prefix, seq, body) if build else None  # type: ignore[arg-type]
+
+
+def decode(data: bytes, *, internal: bool = False) -> Frame:
+    """Decode and validate one frame; raises only ``ProtocolError`` subclasses.
+
+    :param internal: also accept the agent's own record kinds (read back from its WAL).
+    """
+    frame = _parse(data, internal, True)
+    assert frame is not None
+    return frame
+
+
+def validate(data: bytes) -> None:
+    """Check one wire frame exactly as ``decode`` does, without building it (the ingest path)."""
+    _parse(data, False, False)

@@ -122,3 +122,22 @@ def test_decode_of_arbitrary_msgpack_arrays_raises_only_protocol_error(frame_byt
 def test_track_frames_round_trip(fields: dict[str, object], ts: float) -> None:
     frame = Frame(Kind.TRACK, 5, 6, ROOT, PREFIX, 1, Track("a/b", ts, fields))
     assert decode(encode(frame)) == frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(elements=st.lists(st.one_of(st.integers(-5, 2**64 - 1), st.text(max_size=10), json_values), min_size=7, max_size=7))
+def test_validate_accepts_exactly_what_decode_accepts(elements: list[object]) -> None:
+    data = msgpack.packb([proto.PROTOCOL_VERSION, *elements])
+    outcomes = []
+    for check in (proto.validate, decode):
+        try:
+            check(data)
+            outcomes.append(None)
+        except ProtocolError as exc:
+            outcomes.append(type(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize(("kind", "payload"), PAYLOADS, ids=[f"{k.name}-{i}" for i, (k, _) in enumerate(PAYLOADS)])
+def test_validate_accepts_every_valid_frame(kind: Kind, payload: object) -> None:
+    proto.validate(encode(Frame(kind, 0x1234, 4321, ROOT, PREFIX, 7, payload)))  # type: ignore[arg-type]
