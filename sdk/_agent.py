@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
 
 from dashcar.proto import AGENT_LOCK, CONTROL_SOCKET, SPAWN_LOCK, ensure_private_dir, state_dir
+
+from ._transport import load_zmq
 
 log = logging.getLogger("dashcar")
 
@@ -84,6 +85,7 @@ def _spawn(runtime_dir: Path, environ: Mapping[str, str]) -> None:
 
 def request(runtime_dir: Path, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
     """One control request; the reply, or None if no agent answered within ``timeout_s``."""
+    zmq = load_zmq()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

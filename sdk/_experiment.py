@@ -12,7 +12,6 @@ import atexit
 import logging
 import math
 import os
-import socket
 import sys
 import threading
 import time
@@ -163,7 +162,7 @@ class Experiment:
             "description": self.description,
             "tags": self.tags,
             "metadata": self.metadata,
-            "host": socket.gethostname(),
+            "host": os.uname().nodename,
             "pid": os.getpid(),
             "argv": list(sys.argv),
             "started_at": time.time(),

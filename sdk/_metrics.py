@@ -8,7 +8,6 @@ there: exact when one process writes the series, as in ML-Dash's local mode.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -37,15 +36,26 @@ def _percentile(values: list[float], p: float) -> float:
     return s[f] + (k - f) * (s[c] - s[f])
 
 
+def _median(values: list[float]) -> float:
+    return _percentile(values, 50)
+
+
+def _stdev(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 AGGREGATIONS = {
-    "mean": statistics.fmean,
-    "std": lambda v: statistics.stdev(v) if len(v) >= 2 else 0.0,
+    "mean": lambda v: math.fsum(v) / len(v),
+    "std": _stdev,
     "min": min,
     "max": max,
     "count": len,
-    "median": statistics.median,
+    "median": _median,
     "sum": math.fsum,
-    "p50": statistics.median,
+    "p50": _median,
     "p90": lambda v: _percentile(v, 90),
     "p95": lambda v: _percentile(v, 95),
     "p99": lambda v: _percentile(v, 99),

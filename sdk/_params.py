@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 from dashcar.proto import Kind
@@ -15,7 +14,7 @@ if TYPE_CHECKING:
 
 def _class_to_dict(value: object) -> object:
     """A config class (``Args`` with class attributes) becomes a dict of its public attributes."""
-    if not inspect.isclass(value):
+    if not isinstance(value, type):
         return value
     return {k: v for k, v in vars(value).items() if not k.startswith("_") and not callable(v) and not isinstance(v, type)}
 

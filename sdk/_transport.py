@@ -20,12 +20,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import msgpack
-import zmq
 
 from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, ConfigError, counter_path, ensure_private_dir, frame_head
 
+if TYPE_CHECKING:
+    import zmq
+
 log = logging.getLogger("dashcar")
+
+zmq: Any = None  # noqa: F811  pyzmq, imported when the first transport is made (keeps `import dashcar` light)
+
+
+def load_zmq() -> Any:
+    """Import pyzmq on first use and return it."""
+    global zmq
+    if zmq is None:
+        import zmq as module
+
+        zmq = module
+    return zmq
 
 SNDHWM_DEFAULT = 100_000
 LINGER_MS_DEFAULT = 1000
@@ -138,6 +154,7 @@ class Transport:
         self.linger_ms = linger_ms
         self.pid = os.getpid()
         self.stale = False
+        load_zmq()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._local = threading.local()
         self._producers: list[Producer] = []
