@@ -137,6 +137,9 @@ class Agent:
                     log.warning("sink=jsonl write failed, retrying in %.2fs: %s", backoff, exc)
                 else:
                     log.exception("sink=jsonl failed unexpectedly, recovering in %.2fs", backoff)
+                if self.stop_sink.is_set():
+                    log.warning("sink=jsonl stopping with its backlog in the WAL for the next start")
+                    return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 try:

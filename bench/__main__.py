@@ -20,6 +20,7 @@ from bench._util import git_commit
 
 BENCHES = ["bench.bench_hotpath", "bench.bench_loop", "bench.bench_peer", "bench.bench_ingest", "bench.bench_footprint"]
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+RESULTS = DOC.with_suffix(".json")
 
 
 def run(module: str, quick: bool) -> list[dict[str, Any]]:
@@ -163,10 +164,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--only", nargs="+", choices=[b.split("_", 1)[1] for b in BENCHES],
+                    help="run these; keep the other figures from the last run's docs/benchmarks.json")
     args = ap.parse_args()
-    results = [item for module in BENCHES for item in run(module, args.quick)]
+    modules = [b for b in BENCHES if not args.only or b.split("_", 1)[1] in args.only]
+    fresh = {m: run(m, args.quick) for m in modules}
+    kept = json.loads(RESULTS.read_text()) if args.only and RESULTS.exists() else {}
+    merged = {m: fresh.get(m, kept.get(m, [])) for m in BENCHES}
+    results = [item for m in BENCHES for item in merged[m]]
     if not args.no_write:
         DOC.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(merged, indent=1))
         DOC.write_text(render(results, args.quick))
         charts(results)
         print(f"wrote {DOC}", file=sys.stderr)

@@ -29,7 +29,7 @@ def _flood(env: dict[str, str], root: str, n: int) -> None:
     q = [0.1] * 6
     for i in range(n):
         exp.tracks("robot/state").append(q=q, qd=q, tau=q, _ts=i * 0.001)
-    exp.flush(600)
+    exp.flush(5)
 
 
 def main() -> None:
@@ -44,9 +44,10 @@ def main() -> None:
         time.sleep(1)
         result["rss_idle_mb"] = round(agent.rss_anon_kb() / 1024, 1)
         env = {**agent.env, "DASHCAR_SNDHWM": "1000000"}
+        agent.data_dir.mkdir(parents=True, exist_ok=True)
         mounted = os.geteuid() == 0 and subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(agent.data_dir)], capture_output=True
-        ).returncode == 0 if (agent.data_dir.mkdir(parents=True, exist_ok=True) or True) else False
+        ).returncode == 0
         proc = mp.get_context("spawn").Process(target=_flood, args=(env, str(agent.data_dir), args.backlog))
         proc.start()
         peak = 0
@@ -60,8 +61,9 @@ def main() -> None:
         if mounted:
             result["backlog_frames"] = agent.status()["wal"]["backlog"]
             result["rss_with_backlog_mb"] = round(agent.rss_anon_kb() / 1024, 1)
-            subprocess.run(["mount", "-o", "remount,size=64g", str(agent.data_dir)], check=False)
-        proc.join(900)
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
         if mounted:
             subprocess.run(["umount", "-l", str(agent.data_dir)], check=False)
     emit("footprint", result)

@@ -261,6 +261,17 @@ class Series:
 MetricBuilder = Series
 
 
+def series_in(cache: dict[Any, Series], exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None,
+              description: str | None, tags: list[str] | None, metadata: Mapping[str, Any] | None) -> Series:
+    """The cached series ``name`` (created on first use); new description, tags or metadata are sent."""
+    s = cache.get(name)
+    if s is None:
+        s = cache[name] = Series(exp, name, folder, manager, description, tags, metadata)
+    else:
+        s.describe(description, tags, metadata)
+    return s
+
+
 class MetricsManager:
     """``exp.metrics``: call it for a named metric; ``log`` writes to the unnamed one."""
 
@@ -271,12 +282,7 @@ class MetricsManager:
 
     def __call__(self, name: str | None = None, description: str | None = None, tags: list[str] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> Series:
-        s = self._series.get(name)
-        if s is None:
-            s = self._series[name] = Series(self._exp, name, "metrics", self, description, tags, metadata)
-        else:
-            s.describe(description, tags, metadata)
-        return s
+        return series_in(self._series, self._exp, name, "metrics", self, description, tags, metadata)
 
     def log(self, _ts: Any = None, _flush: bool = False, **fields: Any) -> MetricsManager:
         """Scalars go to the unnamed metric; each dict value to its own metric, with the scalars."""

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any
 
 from ._experiment import Experiment
-from ._metrics import Series
+from ._metrics import Series, series_in
 from ._params import ParamsBuilder
 
 
@@ -53,12 +53,7 @@ class Session:
     def track(self, name: str, description: str | None = None, tags: list[str] | None = None,
               metadata: Mapping[str, Any] | None = None) -> Series:
         """An index-based series stored as ``tracks/<name>/data.jsonl``."""
-        s = self._tracks.get(name)
-        if s is None:
-            s = self._tracks[name] = Series(self._exp, name, "tracks", None, description, tags, metadata)
-        else:
-            s.describe(description, tags, metadata)
-        return s
+        return series_in(self._tracks, self._exp, name, "tracks", None, description, tags, metadata)
 
     def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> None:
         """Write one log line."""
