@@ -84,7 +84,7 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
             lines += [
                 f"## Against the reference ml-dash client (local mode, {r['calls']} calls at 1 kHz)",
                 "",
-                "| client | p50 µs | p99 µs | p99.9 µs | max µs | rows on disk after SIGKILL ~1 s in (all sent rows) |",
+                "| client | p50 µs | p99 µs | p99.9 µs | max µs | rows on disk after SIGKILL ~1 s in |",
                 "| --- | --- | --- | --- | --- | --- |",
             ]
             for name in ("ml_dash", "dashcar"):
