@@ -18,9 +18,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -31,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dashcar")
 
-zmq: Any = None  # noqa: F811  pyzmq, imported when the first transport is made (keeps `import dashcar` light)
+zmq: Any = None  # noqa: F811
+"""pyzmq, imported when the first transport is made, so ``import dashcar`` stays light."""
 
 
 def load_zmq() -> Any:
