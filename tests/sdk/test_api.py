@@ -121,6 +121,7 @@ def test_import_stays_light() -> None:
 
 def test_closed_run_closes_once_every_process_is_done(agent: AgentHandle) -> None:
     first = dashcar.Experiment(prefix="a/ddp/run", dash_root=agent.data_dir).start()
+    assert first.flush(), "rank 0 is attached before rank 1 starts"
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import dashcar
         with dashcar.Experiment(prefix="a/ddp/run", dash_root={str(agent.data_dir)!r}).run as exp:
