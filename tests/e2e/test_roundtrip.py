@@ -151,7 +151,7 @@ def test_run_left_open_at_exit_is_closed_and_written(agent: AgentHandle) -> None
         agent.env(),
     )
     run = agent.data_dir / "a" / "b" / "open"
-    wait_until(lambda: read_json(run / "experiment.json")["status"] == "completed", 10, "run closed")
+    wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 10, "run closed")
     assert len(read_jsonl(run / "tracks" / "t" / "data.jsonl")) == 100
 
 
