@@ -7,7 +7,6 @@ variables < command-line flags (``--<name>``). The CLI reads its flag list from 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,7 +15,6 @@ deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal

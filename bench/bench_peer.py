@@ -5,7 +5,6 @@ SIGKILLed 1 s into a 1 kHz run."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys

@@ -64,7 +64,7 @@ def test_agent_sigkill_and_restart_is_exactly_once(agent_factory: Any, producers
     n = 30_000
     proc = flood(producers, agent, "survivor", limit=n, pace=0.00002)
     for target in (3_000, 9_000, 16_000):
-        wait_until(lambda: agent.status()["frames"]["stored"] >= target, 60, f"{target} stored")
+        wait_until(lambda target=target: agent.status()["frames"]["stored"] >= target, 60, f"{target} stored")
         agent.kill()
         agent.start()
     assert proc.wait(120) == 0

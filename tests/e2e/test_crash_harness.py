@@ -77,7 +77,7 @@ def test_random_agent_kills_lose_nothing_stored_and_duplicate_nothing(
     wait_until(lambda: (read_json(shared / "experiment.json") or {}).get("status") == "completed", 60, "shared run closed")
     for idx in range(PRODUCERS):
         own = agent.data_dir / "crash" / "own" / f"p{idx}"
-        wait_until(lambda: (read_json(own / "experiment.json") or {}).get("status") == "completed", 60, "own run closed")
+        wait_until(lambda own=own: (read_json(own / "experiment.json") or {}).get("status") == "completed", 60, "own run closed")
     assert kills >= 1
     total = {"frames": 0, "control_frames": 0, "missing": 0, "dropped_by_producer": 0, "lost_in_producer_queue": 0}
     rows = read_jsonl(shared / "tracks" / "robot_state" / "data.jsonl")

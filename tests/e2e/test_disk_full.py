@@ -92,7 +92,7 @@ def test_a_growing_backlog_keeps_agent_memory_flat(small_disk: Path, agent_facto
     agent: AgentHandle = agent_factory("--merge-window-s", "0.05").start()
     assert agent.proc is not None
     n = 300_000
-    proc = producers(
+    producers(
         f"""
         import dashcar
         exp = dashcar.Experiment(prefix="lab/backlog/run", dash_root={str(agent.data_dir)!r}, echo_logs=False).start()

@@ -77,7 +77,7 @@ def test_eight_processes_on_eight_runs(agent: AgentHandle) -> None:
     assert [p.exitcode for p in procs] == [0] * 8
     for r in range(8):
         run = agent.data_dir / "many" / "runs" / f"r{r}"
-        wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 30, "run completed")
+        wait_until(lambda run=run: (read_json(run / "experiment.json") or {}).get("status") == "completed", 30, "run completed")
         rows = read_jsonl(run / "tracks" / "robot_state" / "data.jsonl")
         assert [row[f"r{r}"] for row in rows] == list(range(N))
 
