@@ -119,6 +119,16 @@ class Wal:
                     break
         return out
 
+    def get_records(self, seqs: Iterable[int]) -> list[tuple[int, bytes]]:
+        """The records with these seqs that still exist, in the order asked."""
+        out: list[tuple[int, bytes]] = []
+        with self.env.begin(db=self.wal) as txn:
+            for seq in seqs:
+                raw = txn.get(_U64.pack(seq))
+                if raw is not None:
+                    out.append((seq, bytes(raw)))
+        return out
+
     def get_meta(self, name: str, default: object = None) -> object:
         """One value of the WAL's ``meta`` database."""
         with self.env.begin(db=self.meta) as txn:

@@ -13,6 +13,10 @@ Invariants
   (are written) on a flush barrier, a run close, a producer's death, after ``merge_window_s``,
   or all at once when more than ``max_open_rows`` are open. Settling a row also settles every
   open row of its topic with a smaller timestamp, so late rows are rare.
+- Open rows are not copied into LMDB: each commit records, per topic, the timestamps of its
+  open rows and the WAL seq of the first entry of each (``t:`` keys), and the lowest such seq
+  (``w``). Garbage collection keeps WAL records from ``w`` on, and recovery rebuilds the open
+  rows by re-reading the track entries between ``w`` and the cursor that belong to them.
 - ``experiment.json``, ``parameters.json``, ``metadata.json`` and ``.log_sequence`` are derived
   from the committed state and replaced atomically after each commit and on recovery.
 - A run closes when every producer attached to it has closed or died. Its final state is
@@ -25,14 +29,15 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from dashcar.proto import Frame, Kind, Meta, ProducerGone, ProtocolError, decode, run_dir
+import msgpack
+
+from dashcar.proto import Kind, Meta, ProducerGone, ProtocolError, decode, run_dir
 
 from .. import merge
 from ..errors import SinkRetryable
@@ -46,17 +51,11 @@ GC_RECORDS = 65_536
 MAX_GONE_PRODUCERS = 10_000
 """Ended producers remembered (with their last seq) so late frames still count gaps right."""
 _STATUS_RANK = {"completed": 0, "cancelled": 1, "failed": 2, "crashed": 3}
-_TS = struct.Struct(">Q")
+_TRACK: Final = int(Kind.TRACK)
 
 
-def _ts_key(ts: float) -> bytes:
-    """8 bytes whose bytewise order is the numeric order of ``ts``."""
-    (bits,) = _TS.unpack(struct.pack(">d", ts))
-    return _TS.pack(bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | 1 << 63)
-
-
-def _row_key(run: str, topic: str, ts: float) -> bytes:
-    return b"o:" + run.encode() + b"\0" + topic.encode() + b"\0" + _ts_key(ts)
+def _topic_key(run: str, topic: str) -> bytes:
+    return b"t:" + run.encode() + b"\0" + topic.encode()
 
 
 @dataclass(slots=True)
@@ -65,7 +64,8 @@ class Row:
 
     fields: dict[str, Any]
     opened: float
-    persisted: bool = False
+    wseqs: list[int]
+    """WAL seqs of the entries merged into the row; recovery re-reads exactly these."""
 
 
 @dataclass(slots=True)
@@ -79,8 +79,8 @@ class Batch:
     files: set[str] = field(default_factory=set)
     producers: set[int] = field(default_factory=set)
     loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rows_put: set[tuple[str, str, float]] = field(default_factory=set)
-    rows_del: set[bytes] = field(default_factory=set)
+    topics: set[tuple[str, str]] = field(default_factory=set)
+    now: float = 0.0
     closed_runs: set[str] = field(default_factory=set)
     dropped_producers: set[int] = field(default_factory=set)
     settle: set[str] = field(default_factory=set)
@@ -136,16 +136,7 @@ class JsonlSink:
         self.producers = {
             int.from_bytes(k[2:], "big"): v for k, v in wal.sink_items(b"p:")  # type: ignore[misc]
         }
-        self.rows = {}
-        now = self.clock()
-        for k, v in wal.sink_items(b"o:"):
-            run, topic, _ = k[2:].split(b"\0", 2)
-            ts, fields = v  # type: ignore[misc]
-            self.rows.setdefault((run.decode(), topic.decode()), {})[ts] = Row(fields, now, persisted=True)
-        for topic_rows in self.rows.values():
-            ordered = dict(sorted(topic_rows.items()))
-            topic_rows.clear()
-            topic_rows.update(ordered)
+        self.rows = self._replay_open_rows()
         redo_keys = []
         for k, v in wal.sink_items(b"x:"):
             pos, data = v  # type: ignore[misc]
@@ -163,6 +154,31 @@ class JsonlSink:
         self._drop_next = {p for p in self.runs if self._closed(p)}
         self._publish_pids()
         self.recovered = True
+
+    def _replay_open_rows(self) -> dict[tuple[str, str], dict[float, Row]]:
+        """Rebuild the open rows from the WAL entries each committed ``t:`` record names."""
+        owner: dict[int, tuple[tuple[str, str], float]] = {}
+        for k, v in self.wal.sink_items(b"t:"):
+            run, topic = k[2:].decode().split("\0", 1)
+            stamps, wseqs = v  # type: ignore[misc]
+            for ts, seqs in zip(stamps, wseqs):
+                for wseq in seqs:
+                    owner[wseq] = ((run, topic), ts)
+        rows: dict[tuple[str, str], dict[float, Row]] = {}
+        now = self.clock()
+        for wseq, raw in self.wal.get_records(sorted(owner)):
+            key, ts = owner.pop(wseq)
+            fields = merge.flatten(msgpack.unpackb(raw)[7][2])
+            row = rows.setdefault(key, {}).get(ts)
+            if row is None:
+                rows[key][ts] = Row(fields, now, [wseq])
+            else:
+                merge.merge_into(row.fields, fields)
+                row.wseqs.append(wseq)
+        if owner:
+            log.error("%d WAL records of open track rows are gone; those entries are lost", len(owner))
+            self._count(None, "corrupt", len(owner))
+        return rows
 
     def _closed(self, path: str) -> bool:
         """A run that is closed, written out, and has no open rows: its state can go."""
@@ -212,16 +228,15 @@ class JsonlSink:
             "files": [],
         }
 
-    def _run(self, f: Frame, b: Batch) -> tuple[str, dict[str, Any]]:
-        path = run_dir(f.root, f.prefix)
+    def _run(self, root: str, prefix: str, path: str, b: Batch) -> dict[str, Any]:
         st = self.runs.get(path)
         if st is None:
-            st = self.runs[path] = self._load_run(f.root, f.prefix, path)
+            st = self.runs[path] = self._load_run(root, prefix, path)
             st["files"] = [p for p, fs in self.files.items() if fs["run"] == path]
             for sub in ("logs", "metrics", "files"):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
         b.runs.add(path)
-        return path, st
+        return st
 
     def _load_file(self, path: str, kind: str, topic: str | None, name: str | None, run: str) -> dict[str, Any]:
         """State of a file the agent has no record of, read from disk (a torn last line is cut)."""
@@ -265,13 +280,6 @@ class JsonlSink:
         op[1].append(line)
         fs["size"] += len(line.encode())
 
-    def _producer(self, sid: int, pid: int, b: Batch) -> dict[str, Any]:
-        ps = self.producers.get(sid)
-        if ps is None:
-            ps = self.producers[sid] = {"pid": pid, "last": 0, "dropped": 0, "runs": [], "gone": False}
-        b.producers.add(sid)
-        return ps
-
     def _count(self, run: dict[str, Any] | None, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
         if run is not None:
@@ -280,91 +288,104 @@ class JsonlSink:
 
     # --------------------------------------------------------------- processing
     def step(self, *, settle_all: bool = False) -> bool:
-        """Process one batch of WAL records (and due rows); True if anything changed."""
+        """Process one batch of WAL records (and due rows); True if anything changed.
+
+        Track entries, nearly all the traffic, skip building frame objects: the WAL holds only
+        frames ingest validated (or the agent made), so their fields are used as they are.
+        """
         if not self.recovered:
             self.recover()
         records = self.wal.read(self.cursor, self.batch_records)
-        b = Batch()
+        b = Batch(now=self.clock())
+        unpack = msgpack.unpackb
         for wseq, raw in records:
             try:
+                f = unpack(raw)
+                if f[1] == _TRACK:
+                    self._apply(Kind.TRACK, f[2], f[3], f[4], f[5], f[6], f[7], wseq, b)
+                    continue
                 frame = decode(raw, internal=True)
-            except ProtocolError as exc:
+            except (ProtocolError, ValueError, TypeError, IndexError) as exc:
                 log.error("wal_seq=%d undecodable record skipped: %s", wseq, exc)
                 self._count(None, "corrupt")
                 continue
-            self._apply(frame, b)
+            self._apply(frame.kind, frame.sid, frame.pid, frame.root, frame.prefix, frame.seq, frame.payload, wseq, b)
         if records:
             self.cursor = records[-1][0]
         self._settle_due(b, settle_all)
-        if not records and not b.rows_del and not b.appends and not b.redos and not self._drop_next:
+        if not records and not b.topics and not b.appends and not b.redos and not self._drop_next:
             return False
         self._write_and_commit(b)
         return True
 
-    def _apply(self, f: Frame, b: Batch) -> None:
-        ps = self._producer(f.sid, f.pid, b)
-        if f.kind is Kind.PRODUCER_GONE:
-            self._producer_gone(f.sid, ps, f.payload, b)  # type: ignore[arg-type]
+    def _apply(self, kind: Kind, sid: int, pid: int, root: str, prefix: str, seq: int, p: Any, wseq: int, b: Batch) -> None:
+        """Apply one frame; ``p`` is its payload object, or for a track entry its raw ``[topic, ts, fields]``."""
+        ps = self.producers.get(sid)
+        if ps is None:
+            ps = self.producers[sid] = {"pid": pid, "last": 0, "dropped": 0, "runs": [], "gone": False}
+        b.producers.add(sid)
+        if kind is Kind.PRODUCER_GONE:
+            self._producer_gone(sid, ps, p, b)
             return
-        path = run_dir(f.root, f.prefix)
+        path = run_dir(root, prefix)
         known = self.runs.get(path)
-        if f.seq <= ps["last"]:
+        last = ps["last"]
+        if seq <= last:
             self._count(known, "duplicates")
             return
-        if f.seq > ps["last"] + 1:
-            self._count(known, "missing", f.seq - ps["last"] - 1)
-        ps["last"] = f.seq
+        if seq > last + 1:
+            self._count(known, "missing", seq - last - 1)
+        ps["last"] = seq
         ps["gone"] = False
-        kind, p = f.kind, f.payload
         if kind is Kind.FLUSH or kind is Kind.RUN_CLOSE:
             self._count(known, "control_frames")
         if kind is Kind.FLUSH:
-            self._reported(ps, known, p.dropped)  # type: ignore[union-attr]
+            self._reported(ps, known, p.dropped)
             b.settle.update(ps["runs"])
-            b.acks[f.sid] = f.seq
+            b.acks[sid] = seq
             return
         if kind is Kind.RUN_CLOSE:
-            self._reported(ps, known, p.dropped)  # type: ignore[union-attr]
-            if known is not None and known["producers"].get(str(f.sid)) == "open":
+            self._reported(ps, known, p.dropped)
+            if known is not None and known["producers"].get(str(sid)) == "open":
                 b.runs.add(path)
-                known["producers"][str(f.sid)] = p.status  # type: ignore[union-attr]
-                if p.reason and f.sid in known["owners"]:  # type: ignore[union-attr]
-                    known["reason"] = p.reason  # type: ignore[union-attr]
+                known["producers"][str(sid)] = p.status
+                if p.reason and sid in known["owners"]:
+                    known["reason"] = p.reason
                 b.settle.add(path)
                 self._maybe_close(path, known, b)
             return
-        path, run = self._run(f, b)
+        run = self._run(root, prefix, path, b)
         ps["last_run"] = path
         self._count(run, "frames")
-        if run["producers"].get(str(f.sid)) != "open":
-            run["producers"][str(f.sid)] = "open"
+        if run["producers"].get(str(sid)) != "open":
+            run["producers"][str(sid)] = "open"
             if path not in ps["runs"]:
                 ps["runs"].append(path)
             if run["status"] != "running":
                 run["status"], run["reason"], run["closed_at"] = "running", None, None
         if kind is Kind.TRACK:
-            self._track(path, run, p.topic, p.ts, p.fields, b)  # type: ignore[union-attr]
+            self._track(path, run, p[0], p[1], p[2], wseq, b)
         elif kind is Kind.METRIC:
-            mpath = os.path.join(layout.series_dir(path, p.folder, p.name), "data.jsonl")  # type: ignore[union-attr]
-            fs = self._file(mpath, "metric", path, b, name=p.name, folder=p.folder)  # type: ignore[union-attr]
-            for point in p.points:  # type: ignore[union-attr]
+            mpath = os.path.join(layout.series_dir(path, p.folder, p.name), "data.jsonl")
+            fs = self._file(mpath, "metric", path, b, name=p.name, folder=p.folder)
+            for point in p.points:
                 self._append(b, mpath, fs, layout.metric_line(fs["n"], point))
                 fs["n"] += 1
-            self._count(run, "points", len(p.points))  # type: ignore[union-attr]
+            self._count(run, "points", len(p.points))
         elif kind is Kind.LOG:
             lpath = os.path.join(layout.logs_dir(path), "logs.jsonl")
             fs = self._file(lpath, "log", path, b)
-            self._append(b, lpath, fs, layout.log_line(fs["n"], p.time, p.level, p.message, p.metadata))  # type: ignore[union-attr]
+            self._append(b, lpath, fs, layout.log_line(fs["n"], p.time, p.level, p.message, p.metadata))
             fs["n"] += 1
             self._count(run, "logs")
         elif kind is Kind.PARAMS:
-            run["params"].update(merge.flatten(p.data))  # type: ignore[union-attr]
+            run["params"].update(merge.flatten(p.data))
             run["params_version"] += 1
             run["params_dirty"] = True
         elif kind is Kind.RUN_OPEN:
-            run["info"].update(p.info)  # type: ignore[union-attr]
-            if f.sid not in run["owners"]:
-                run["owners"].append(f.sid)
+            run["info"].update(p.info)
+            if sid not in run["owners"]:
+                run["owners"].append(sid)
         elif kind is Kind.META:
             self._meta(path, run, p, b)  # type: ignore[arg-type]
 
@@ -431,7 +452,7 @@ class JsonlSink:
             tpath = self._track_paths[(run, topic)] = os.path.join(layout.track_dir(run, topic), "data.jsonl")
         return tpath
 
-    def _track(self, path: str, run: dict[str, Any], topic: str, ts: float, fields: dict[str, Any], b: Batch) -> None:
+    def _track(self, path: str, run: dict[str, Any], topic: str, ts: float, fields: dict[str, Any], wseq: int, b: Batch) -> None:
         tpath = self._track_path(path, topic)
         fs = self._file(tpath, "track", path, b, topic=topic)
         if fs["topic"] != topic:
@@ -439,16 +460,22 @@ class JsonlSink:
             if self.counters.get("rejected_topic_collision", 0) == 1:
                 log.warning("run=%s topic=%r shares a folder with topic %r; entries refused", path, topic, fs["topic"])
             return
+        if type(ts) is not float:
+            ts = float(ts)
         flat = merge.flatten(fields)
-        rows = self.rows.setdefault((path, topic), {})
+        key = (path, topic)
+        rows = self.rows.get(key)
+        if rows is None:
+            rows = self.rows[key] = {}
         row = rows.get(ts)
         if row is None:
-            rows[ts] = Row(flat, self.clock())
+            rows[ts] = Row(flat, b.now, [wseq])
         else:
+            row.wseqs.append(wseq)
             clashes = merge.merge_into(row.fields, flat)
             if clashes:
                 self._count(run, "clashes", clashes)
-        b.rows_put.add((path, topic, ts))
+        b.topics.add(key)
 
     def _settle_due(self, b: Batch, settle_all: bool) -> None:
         over_cap = sum(len(r) for r in self.rows.values()) > self.max_open_rows
@@ -479,11 +506,8 @@ class JsonlSink:
         done = sorted(ts for ts in rows if ts <= upto)
         settled = []
         for ts in done:
-            row = rows.pop(ts)
-            b.rows_put.discard((path, topic, ts))
-            if row.persisted:
-                b.rows_del.add(_row_key(path, topic, ts))
-            settled.append((ts, row.fields))
+            settled.append((ts, rows.pop(ts).fields))
+        b.topics.add((path, topic))
         run = self.runs[path]
         tpath = self._track_path(path, topic)
         fs = self.files[tpath]
@@ -530,7 +554,7 @@ class JsonlSink:
         except OSError as exc:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
         puts: dict[bytes, object] = {b"c": self.cursor, b"g": self.counters}
-        deletes: set[bytes] = set(b.rows_del)
+        deletes: set[bytes] = set()
         dropping = {p for p in self._drop_next if self._closed(p) and p not in b.closed_runs and p not in b.runs}
         self._drop_next.clear()
         for path in dropping:
@@ -548,10 +572,12 @@ class JsonlSink:
                 puts[b"p:" + sid.to_bytes(8, "big")] = self.producers[sid]
         for sid in b.dropped_producers:
             deletes.add(b"p:" + sid.to_bytes(8, "big"))
-        for path, topic, ts in b.rows_put:
-            row = self.rows[(path, topic)][ts]
-            puts[_row_key(path, topic, ts)] = (ts, row.fields)
-            row.persisted = True
+        for key in b.topics:
+            rows = self.rows.get(key)
+            if rows:
+                puts[_topic_key(*key)] = [list(rows), [r.wseqs for r in rows.values()]]
+            else:
+                deletes.add(_topic_key(*key))
         for fpath, redo in b.redos.items():
             puts[b"x:" + fpath.encode()] = redo
         for k in puts:
@@ -585,11 +611,20 @@ class JsonlSink:
                 self.cond.notify_all()
 
     def _maybe_gc(self) -> None:
-        """Drop WAL records this sink has committed past, at most once per ``GC_INTERVAL_S``."""
+        """Drop WAL records this sink has committed past and no open row needs, at most once per ``GC_INTERVAL_S``."""
         now = self.clock()
-        if self.cursor > self._gc_done and (now - self._gc_at >= GC_INTERVAL_S or self.cursor - self._gc_done >= GC_RECORDS):
-            self.wal.gc(self.cursor)
-            self._gc_done, self._gc_at = self.cursor, now
+        due = now - self._gc_at >= GC_INTERVAL_S or (self.cursor - self._gc_done >= GC_RECORDS and now - self._gc_at >= 0.05)
+        if not due or self.cursor <= self._gc_done:
+            return
+        self._gc_at = now
+        upto = self.cursor
+        for rows in self.rows.values():
+            for row in rows.values():
+                if row.wseqs[0] <= upto:
+                    upto = row.wseqs[0] - 1
+        if upto > self._gc_done:
+            self.wal.gc(upto)
+            self._gc_done = upto
 
     def _publish_pids(self) -> None:
         self.pids = {sid: ps["pid"] for sid, ps in self.producers.items() if not ps.get("gone")}
