@@ -1,61 +1,89 @@
-"""Ingest: PULL socket → validate → one WAL transaction per drained batch.
+"""Ingest: PULL socket → validate → one WAL transaction per drained batch, in its own process.
 
-Runs on its own thread (a ZeroMQ socket stays on the thread that made it): wait for a
-frame, drain whatever else is queued up to ``ingest_batch``, decode each, and append the
-valid ones in one durable transaction. Invalid frames are counted by reason and never
-stored. A full or failing WAL drops the batch and counts it; the loop keeps serving.
+The receive path runs in a child process (``python -m dashcar.agent.ingest``) so that it has
+an interpreter lock of its own: in one process it shared the lock with the sink, which keeps
+a core busy under load, and receiving stalled behind it. The agent and its ingest child share
+nothing but the WAL (LMDB serialises their writes: the child appends, the agent's sink
+garbage-collects) and a ``SOCK_SEQPACKET`` socketpair carrying small msgpack messages:
+
+- child → agent ``stored``: the counters and the last WAL seq after each committed batch
+  (the agent's sink wakes on it); ``ready`` once the PULL socket is bound;
+- agent → child ``internal``: frames the agent made itself (a producer ended), stored only
+  once the socket was seen empty, so every frame the dead producer sent lands before the news
+  of its death; ``stop``: drain what is queued, store it, and exit.
+
+The child dies with the agent (``PR_SET_PDEATHSIG``; on other systems, at the socketpair's
+end of file), ignores SIGINT and SIGTERM (the agent orders the drain), and the agent starts
+a new child if one dies on its own. Invalid frames are counted by reason and never stored; a
+full or failing WAL drops the batch and counts it; the loop keeps serving.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
-import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import lmdb
+import msgpack
 import zmq
 
 from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, validate
 
+from .config import AgentConfig
 from .errors import WALFull
 from .wal import Wal
 
 log = logging.getLogger(__name__)
 
-WARN_INTERVAL_S = 10.0
-
+WARN_INTERVAL_S: Final = 10.0
+MAX_MESSAGE: Final = 1 << 20
+RESTART_BACKOFF_S: Final = (0.2, 5.0)
+_PR_SET_PDEATHSIG: Final = 1
 
 _BARRIER_KINDS = (bytes([Kind.FLUSH]), bytes([Kind.RUN_CLOSE]))
 """Byte 2 of a v1 frame is its kind; a flush or close commits its batch without waiting."""
 
 
-class Ingest:
-    """The receive side: owns the PULL socket and the WAL's append path."""
+def tune_gc() -> None:
+    """Move start-up objects out of the collector's sight and collect young objects less often.
 
-    def __init__(
-        self, wal: Wal, runtime_dir: Path, *, batch: int, rcvhwm: int, group_commit_s: float, on_stored: Callable[[], None]
-    ) -> None:
+    Both agent processes allocate a few containers per frame; with the default threshold the
+    collector runs every 700 allocations and rescans the long-lived state each time.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+class Ingest:
+    """The child's receive side: owns the PULL socket and the WAL's append path."""
+
+    def __init__(self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float) -> None:
         self.wal = wal
+        self.chan = chan
         self.batch = batch
         self.group_commit_s = group_commit_s
-        self.on_stored = on_stored
         self.endpoint = f"ipc://{runtime_dir / INGEST_SOCKET}"
         self._sock_path = runtime_dir / INGEST_SOCKET
         self._rcvhwm = rcvhwm
-        self.internal: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        """Agent-made frames (a producer ended); stored only once the socket was seen empty, so
-        every frame the dead producer had sent is stored before the news of its death."""
+        self.internal: list[bytes] = []
         saved = wal.get_meta("ingest", {})
         self.counters: dict[str, Any] = {"received": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
         self.counters.update(saved if isinstance(saved, dict) else {})
         self.rejected_by: dict[str, int] = dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
         self.wal_error: str | None = None
         self._emptied = False
+        self._stopping = False
         self._warned: dict[str, float] = {}
 
     def _warn(self, key: str, msg: str, *args: object) -> None:
@@ -64,8 +92,29 @@ class Ingest:
             self._warned[key] = now
             log.warning(msg, *args)
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set, then drain what is already queued and return."""
+    def _tell(self, msg: dict[str, Any]) -> None:
+        self.chan.send(msgpack.packb(msg))
+
+    def _report(self) -> None:
+        self._tell(
+            {"t": "stored", "counters": self.counters, "rejected_by": self.rejected_by, "last_seq": self.wal.last_seq, "wal_error": self.wal_error}
+        )
+
+    def _control(self) -> None:
+        """Read one message from the agent; its end of file means the agent is gone."""
+        data = self.chan.recv(MAX_MESSAGE)
+        if not data:
+            log.error("agent went away; ingest stops")
+            self._stopping = True
+            return
+        msg = msgpack.unpackb(data)
+        if msg["t"] == "internal":
+            self.internal.extend(msg["frames"])
+        elif msg["t"] == "stop":
+            self._stopping = True
+
+    def run(self) -> None:
+        """Serve until the agent says stop, then drain what is already queued and return."""
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
@@ -75,15 +124,26 @@ class Ingest:
         except FileNotFoundError:
             pass
         sock.bind(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.chan.fileno(), zmq.POLLIN)
+        self._tell({"t": "ready"})
+        self._report()
         try:
-            while not stop.is_set():
-                if sock.poll(50):
+            while not self._stopping:
+                events = dict(poller.poll(50))
+                if self.chan.fileno() in events:
+                    self._control()
+                if sock in events:
                     self._collect(sock)
-                elif not self.internal.empty():
+                elif self.internal:
                     self._emptied = True
                     self._store([])
             while self._collect(sock, linger=False):
                 pass
+            if self.internal:
+                self._emptied = True
+                self._store([])
         finally:
             sock.close(linger=0)
             ctx.term()
@@ -97,12 +157,14 @@ class Ingest:
         raws: list[bytes] = []
         barrier = emptied = False
         deadline = time.monotonic() + self.group_commit_s
+        recv = sock.recv
         while True:
             try:
                 while len(raws) < self.batch:
-                    raw = sock.recv(zmq.NOBLOCK)
+                    raw = recv(zmq.NOBLOCK)
                     raws.append(raw)
-                    barrier = barrier or raw[2:3] in _BARRIER_KINDS
+                    if raw[2:3] in _BARRIER_KINDS:
+                        barrier = True
             except zmq.Again:
                 emptied = True
             left = deadline - time.monotonic()
@@ -129,9 +191,9 @@ class Ingest:
 
     def _store(self, good: list[bytes]) -> None:
         wire = len(good)
-        if self._emptied:
-            while not self.internal.empty():
-                good.append(self.internal.get_nowait())
+        if self._emptied and self.internal:
+            good.extend(self.internal)
+            self.internal.clear()
         self.counters["stored"] += wire
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
         try:
@@ -141,7 +203,154 @@ class Ingest:
             self.counters["dropped_wal"] += wire
             self.wal_error = str(exc)
             self._warn("wal", "WAL append failed, %d frames dropped (total %d): %s", len(good), self.counters["dropped_wal"], exc)
+        else:
+            self.wal_error = None
+        self._report()
+
+
+class IngestProcess:
+    """The agent's side: starts the ingest child, keeps its figures, restarts it if it dies."""
+
+    def __init__(self, cfg: AgentConfig, wal: Wal, on_stored: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.on_stored = on_stored
+        saved = wal.get_meta("ingest", {})
+        self.counters: dict[str, Any] = {"received": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
+        self.counters.update(saved if isinstance(saved, dict) else {})
+        self.rejected_by: dict[str, int] = dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
+        self.wal_error: str | None = None
+        self.last_seq = wal.last_seq
+        self.pid: int | None = None
+        self.ready = threading.Event()
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._chan: socket.socket | None = None
+        self._pending: list[bytes] = []
+        self._stopping = False
+
+    def send_internal(self, frame: bytes) -> None:
+        """Have the child store an agent-made frame (kept and re-sent if the child is restarting)."""
+        with self._lock:
+            self._pending.append(frame)
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        if self._chan is None or not self._pending:
             return
-        self.wal_error = None
-        if good:
-            self.on_stored()
+        try:
+            self._chan.send(msgpack.packb({"t": "internal", "frames": self._pending}))
+        except OSError:
+            return
+        self._pending = []
+
+    def request_stop(self) -> None:
+        """Ask the child to drain and exit; ``run`` returns once it has."""
+        with self._lock:
+            self._stopping = True
+            if self._chan is not None:
+                try:
+                    self._chan.send(msgpack.packb({"t": "stop"}))
+                except OSError:
+                    pass
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cfg = self.cfg
+        settings = {
+            "runtime_dir": str(cfg.runtime_dir), "wal": str(cfg.state_dir / "wal"), "wal_max_bytes": cfg.wal_max_bytes,
+            "wal_sync": cfg.wal_sync, "batch": cfg.ingest_batch, "rcvhwm": cfg.rcvhwm, "group_commit_s": cfg.group_commit_s,
+            "log_level": cfg.log_level,
+        }
+        argv = [sys.executable, "-m", "dashcar.agent.ingest", str(theirs.fileno()), str(os.getpid()), json.dumps(settings)]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        return proc, ours
+
+    def run(self) -> None:
+        """Keep one child serving until ``request_stop``; a child that dies alone is replaced."""
+        backoff = RESTART_BACKOFF_S[0]
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                proc, chan = self._spawn()
+                self._chan = chan
+                self.pid = proc.pid
+                self._send_pending()
+            started = time.monotonic()
+            try:
+                self._pump(chan)
+            finally:
+                with self._lock:
+                    self._chan = None
+                chan.close()
+                code = proc.wait()
+            self.ready.clear()
+            if self._stopping:
+                if code != 0:
+                    log.warning("ingest process pid=%d ended with code %s while stopping", proc.pid, code)
+                return
+            if time.monotonic() - started > 60:
+                backoff = RESTART_BACKOFF_S[0]
+            self.restarts += 1
+            log.error("ingest process pid=%d ended with code %s; restarting in %.1fs", proc.pid, code, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+
+    def _pump(self, chan: socket.socket) -> None:
+        while True:
+            try:
+                data = chan.recv(MAX_MESSAGE)
+            except OSError:
+                return
+            if not data:
+                return
+            msg = msgpack.unpackb(data)
+            if msg["t"] == "ready":
+                self.ready.set()
+                continue
+            self.counters = msg["counters"]
+            self.rejected_by = msg["rejected_by"]
+            self.wal_error = msg["wal_error"]
+            if msg["last_seq"] > self.last_seq:
+                self.last_seq = msg["last_seq"]
+                self.on_stored()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when the agent ends; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry of the ingest child: ``<socketpair fd> <agent pid> <settings as JSON>``."""
+    fd, parent, raw = int(argv[0]), int(argv[1]), json.loads(argv[2])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .main import setup_logging
+
+    setup_logging(raw["log_level"])
+    chan = socket.socket(fileno=fd)
+    wal = Wal(Path(raw["wal"]), raw["wal_max_bytes"], raw["wal_sync"], state=False)
+    tune_gc()
+    try:
+        Ingest(wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"]).run()
+    except (BrokenPipeError, ConnectionResetError):
+        log.error("agent went away; ingest stops")
+        return 1
+    finally:
+        wal.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

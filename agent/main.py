@@ -64,7 +64,8 @@ def _take_lock(runtime_dir: str) -> bool:
     return True
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
+    """Log to stderr; without timestamps under systemd, whose journal adds its own."""
     fmt = "%(levelname)s %(name)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s %(message)s"
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt)
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _take_lock(str(cfg.runtime_dir)):
         print(f"dashcar agent: another agent already serves {cfg.runtime_dir}", file=sys.stderr)
         return ALREADY_RUNNING
-    _setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level)
     import anyio
 
     from . import service

@@ -3,14 +3,14 @@
 Order of startup (teardown is the reverse):
 1. the WAL and the sink open; the sink recovers (redo records re-applied, uncommitted
    bytes truncated, derived files rewritten) before any frame is accepted;
-2. the ingest thread binds the PULL socket and starts storing frames;
+2. the ingest process (see ``ingest``) binds the PULL socket and starts storing frames;
 3. the sink thread follows the WAL; the watcher looks after producer pids;
 4. the control socket answers; systemd hears ``READY=1``.
 
-On SIGTERM or SIGINT (or a ``stop`` request) the agent stops taking frames, stores what
-was already queued, lets the sink write and settle everything, commits, and exits, all
-within ``shutdown_timeout_s``; a second signal exits at once. Whatever is cut short by the
-deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
+On SIGTERM or SIGINT (or a ``stop`` request) the agent has the ingest process store what
+was already queued and exit, lets the sink write and settle everything, commits, and exits,
+all within ``shutdown_timeout_s``; a second signal exits at once. Whatever is cut short by
+the deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dashcar.proto import COUNTER, COUNTERS_DIR, DashcarError, Frame, Kind, Prod
 
 from . import control, systemd
 from .config import AgentConfig
-from .ingest import Ingest
+from .ingest import IngestProcess, tune_gc
 from .sinks.jsonl import JsonlSink
 from .wal import Wal
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 AGENT_ROOT = "/"
 AGENT_PREFIX = "dashcar-agent"
+INGEST_START_TIMEOUT_S = 30.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -66,11 +67,7 @@ class Agent:
             self.wal, merge_window_s=cfg.merge_window_s, max_open_rows=cfg.max_open_rows, batch_records=cfg.sink_batch
         )
         self.wakeup = threading.Event()
-        self.ingest = Ingest(
-            self.wal, cfg.runtime_dir, batch=cfg.ingest_batch, rcvhwm=cfg.rcvhwm, group_commit_s=cfg.group_commit_s,
-            on_stored=self.wakeup.set,
-        )
-        self.stop_ingest = threading.Event()
+        self.ingest = IngestProcess(cfg, self.wal, on_stored=self.wakeup.set)
         self.stop_sink = threading.Event()
         self.stop_requested = anyio.Event()
         self.sink_error: str | None = None
@@ -85,6 +82,8 @@ class Agent:
         sc = sink["counters"]
         return {
             "pid": os.getpid(),
+            "ingest_pid": self.ingest.pid,
+            "ingest_restarts": self.ingest.restarts,
             "uptime_s": round(time.time() - self.started, 3),
             "runtime_dir": str(self.cfg.runtime_dir),
             "state_dir": str(self.cfg.state_dir),
@@ -101,7 +100,7 @@ class Agent:
                 "control": sc.get("control_frames", 0),
                 "clashes": sc.get("clashes", 0),
             },
-            "wal": {"backlog": self.wal.backlog(self.sink.cursor), "bytes": self.wal.used_bytes(), "error": self.ingest.wal_error},
+            "wal": {"backlog": max(0, self.ingest.last_seq - self.sink.cursor), "bytes": self.wal.used_bytes(), "error": self.ingest.wal_error},
             "sink": {"open_rows": sink["open_rows"], "error": self.sink_error},
             "runs": sink["runs"],
         }
@@ -181,7 +180,7 @@ class Agent:
 
     def _report_gone(self, sid: int, pid: int, last_sent: int, dropped: int) -> None:
         gone = ProducerGone(last_sent, dropped)
-        self.ingest.internal.put(encode(Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, gone)))
+        self.ingest.send_internal(encode(Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, gone)))
         log.info("producer sid=%x pid=%d ended last_sent=%d dropped=%d", sid, pid, last_sent, dropped)
 
     async def watch(self) -> None:
@@ -213,24 +212,29 @@ class Agent:
 async def serve(cfg: AgentConfig, *, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the agent until a stop signal or request; see the module docstring."""
     agent = Agent(cfg)
+    tune_gc()
     ingest_done, sink_done = anyio.Event(), anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(agent.run_thread, ingest_done, agent.ingest.run, agent.stop_ingest)
+            tg.start_soon(agent.run_thread, ingest_done, agent.ingest.run)
             tg.start_soon(agent.run_thread, sink_done, agent.sink_loop)
             tg.start_soon(agent.watch)
             await tg.start(
                 control.serve, cfg.runtime_dir, agent.sink, agent.status, agent.stop_requested.set, agent.request_flush
             )
             tg.start_soon(_signals, agent)
+            if not await anyio.to_thread.run_sync(agent.ingest.ready.wait, INGEST_START_TIMEOUT_S):
+                log.error("ingest process not ready after %.0fs; still trying", INGEST_START_TIMEOUT_S)
             systemd.notify("READY=1")
-            log.info("agent ready pid=%d runtime_dir=%s state_dir=%s", os.getpid(), cfg.runtime_dir, cfg.state_dir)
+            log.info(
+                "agent ready pid=%d ingest_pid=%s runtime_dir=%s state_dir=%s", os.getpid(), agent.ingest.pid, cfg.runtime_dir, cfg.state_dir
+            )
             task_status.started(agent)
             await agent.stop_requested.wait()
             systemd.notify("STOPPING=1")
             log.info("agent draining deadline_s=%.1f", cfg.shutdown_timeout_s)
             with anyio.move_on_after(cfg.shutdown_timeout_s) as scope:
-                agent.stop_ingest.set()
+                agent.ingest.request_stop()
                 await ingest_done.wait()
                 agent.stop_sink.set()
                 agent.wakeup.set()

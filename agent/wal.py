@@ -21,6 +21,9 @@ Failure behaviour
   for garbage collection, whose deletes need fresh pages (LMDB copies on write). The caller
   drops and counts the batch; nothing committed is touched, and freed pages are reused, so
   appends resume by themselves as the sinks catch up.
+- Two processes open the WAL: the ingest process appends, the agent's sink reads and
+  deletes; LMDB serialises their write transactions. ``last_seq`` is exact only in the
+  appending process.
 - LMDB is opened once per process, after any fork; each write transaction opens, commits
   and closes on one thread inside a ``with`` block; read transactions are short.
 """
@@ -59,14 +62,16 @@ def _open(path: Path, map_size: int, sync: bool) -> lmdb.Environment:
 class Wal:
     """The WAL environment (records, agent counters) and the sinks' state environment."""
 
-    def __init__(self, path: Path, max_bytes: int, sync: bool = True) -> None:
+    def __init__(self, path: Path, max_bytes: int, sync: bool = True, *, state: bool = True) -> None:
+        """Open the WAL, and the sink state unless ``state`` is false (the ingest process)."""
         self.path = path
         self.max_bytes = max_bytes
         self.env = _open(path, max_bytes, sync)
-        self.state_env = _open(path.parent / (path.name + "-state"), STATE_MAP_BYTES, sync)
         self.wal = self.env.open_db(b"wal")
         self.meta = self.env.open_db(b"meta")
-        self.sink = self.state_env.open_db(b"sink")
+        if state:
+            self.state_env = _open(path.parent / (path.name + "-state"), STATE_MAP_BYTES, sync)
+            self.sink = self.state_env.open_db(b"sink")
         with self.env.begin(db=self.wal) as txn:
             cur = txn.cursor()
             self.last_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
@@ -74,9 +79,10 @@ class Wal:
             self.last_seq = int(self.get_meta("last_seq", 0))  # type: ignore[call-overload]
 
     def close(self) -> None:
-        """Close both environments (all transactions must be finished)."""
+        """Close the environments (all transactions must be finished)."""
         self.env.close()
-        self.state_env.close()
+        if hasattr(self, "state_env"):
+            self.state_env.close()
 
     def _write(self, env: lmdb.Environment, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Run ``fn(txn)`` in one write transaction of ``env``; a full map is ``WALFull``."""
@@ -179,10 +185,6 @@ class Wal:
 
         self._write(self.env, drop)
         return deleted
-
-    def backlog(self, cursor: int) -> int:
-        """Records appended but not yet passed by a sink at ``cursor``."""
-        return max(0, self.last_seq - cursor)
 
     def used_bytes(self) -> int:
         """Bytes in live pages of the WAL (free pages waiting for reuse not counted)."""

@@ -38,21 +38,38 @@ def logs_dir(run: str) -> str:
     return os.path.join(run, "logs")
 
 
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_encode = (
+    json.encoder.c_make_encoder(None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
 def dumps(obj: Any) -> str:
-    """One JSON value as ML-Dash writes it."""
-    return json.dumps(obj)
+    """One JSON value exactly as ``json.dumps`` (and so ML-Dash) writes it, minus its per-call setup.
+
+    The C encoder is called directly: at a few hundred thousand lines a second the Python
+    layers of ``json.dumps`` cost a third of the time.
+    """
+    if _encode is None:
+        return json.dumps(obj)
+    return "".join(_encode(obj, 0))
 
 
 def metric_line(index: int, point: dict[str, Any]) -> str:
     """A metric line: ``{"index", "data", "createdAt"}``; ``createdAt`` comes from the point's ``_ts``."""
     ts = point.get("_ts")
     created = iso(ts) if isinstance(ts, (int, float)) and ts == ts and abs(ts) < 1e11 else iso(0.0)
-    return json.dumps({"index": index, "data": point, "createdAt": created}) + "\n"
+    return dumps({"index": index, "data": point, "createdAt": created}) + "\n"
 
 
 def track_line(ts: float, fields: dict[str, Any]) -> str:
     """A track line: ``{"timestamp": ts, <dot-flattened fields>}``."""
-    return json.dumps({"timestamp": ts, **fields}) + "\n"
+    return dumps({"timestamp": ts, **fields}) + "\n"
 
 
 def log_line(seq: int, t: float, level: str, message: str, metadata: dict[str, Any] | None) -> str:
@@ -60,7 +77,7 @@ def log_line(seq: int, t: float, level: str, message: str, metadata: dict[str, A
     entry: dict[str, Any] = {"sequenceNumber": seq, "timestamp": iso(t), "level": level, "message": message}
     if metadata:
         entry["metadata"] = metadata
-    return json.dumps(entry) + "\n"
+    return dumps(entry) + "\n"
 
 
 @contextlib.contextmanager
