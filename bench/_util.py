@@ -55,11 +55,21 @@ class Agent:
         assert st is not None
         return st
 
+    def pids(self) -> list[int]:
+        """The agent and its ingest process."""
+        out = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            out += [int(p) for p in (task / "children").read_text().split()]
+        return out
+
     def rss_anon_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-        return -1
+        """Private memory of the agent's processes together (LMDB's mapped pages are page cache)."""
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+        return total
 
     def close(self) -> None:
         self.proc.terminate()

@@ -91,6 +91,17 @@ class AgentHandle:
         self.proc.kill()
         self.proc.wait(10)
 
+    def pids(self) -> list[int]:
+        """The agent and its ingest process."""
+        assert self.proc is not None
+        ingest = self.status()["ingest_pid"]
+        return [self.proc.pid] + ([ingest] if ingest else [])
+
+    def signal_all(self, signum: int, pids: list[int]) -> None:
+        """Send ``signum`` to each of ``pids`` (the agent's processes, from ``pids()``)."""
+        for pid in pids:
+            os.kill(pid, signum)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 

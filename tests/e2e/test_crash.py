@@ -8,6 +8,15 @@ from typing import Any
 
 from tests.conftest import AgentHandle, read_json, read_jsonl, wait_until
 
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
 FLOOD = """
     import sys, time, dashcar
     exp = dashcar.Experiment(prefix="lab/robot/{name}", dash_root={root!r}).start()
@@ -143,8 +152,8 @@ def test_frames_dying_in_a_killed_producers_queue_are_counted(agent: AgentHandle
         agent.env(),
     )
     assert proc.stdout.readline().strip() == "open"
-    assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGSTOP)
+    pids = agent.pids()
+    agent.signal_all(signal.SIGSTOP, pids)
     try:
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -152,7 +161,7 @@ def test_frames_dying_in_a_killed_producers_queue_are_counted(agent: AgentHandle
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
-        agent.proc.send_signal(signal.SIGCONT)
+        agent.signal_all(signal.SIGCONT, pids)
     run = agent.data_dir / "lab" / "robot" / "tail"
     wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "crashed", 20, "run closed as crashed")
     counters = read_json(run / "experiment.json")["dashcar"]["counters"]
@@ -163,3 +172,31 @@ def test_frames_dying_in_a_killed_producers_queue_are_counted(agent: AgentHandle
     assert len(rows) + lost == 20000, "every frame is on disk or counted"
     assert [r["i"] for r in rows] == list(range(len(rows)))
     assert agent.status()["frames"]["lost_in_producer_queue"] == counters.get("lost_in_producer_queue", 0)
+
+
+def test_ingest_process_dies_with_the_agent(agent_factory: Any) -> None:
+    """A SIGKILLed agent leaves no ingest process behind to hold the socket or write the WAL."""
+    agent = agent_factory().start()
+    ingest = agent.status()["ingest_pid"]
+    assert ingest and pid_alive(ingest)
+    agent.kill()
+    wait_until(lambda: not pid_alive(ingest), 10, "ingest process gone with the agent")
+    agent.start()
+    assert agent.status()["ingest_pid"] != ingest
+
+
+def test_ingest_process_killed_alone_is_replaced_and_losses_are_counted(agent: AgentHandle, producers: Any) -> None:
+    proc = flood(producers, agent, "ingest-killed", limit=20_000, flush_at=2_000, pace=0.0001)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "flushed"
+    first = agent.status()["ingest_pid"]
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: agent.status()["ingest_restarts"] == 1 and agent.status()["ingest_pid"] != first, 20, "a new ingest process")
+    assert proc.wait(120) == 0
+    run = agent.data_dir / "lab" / "robot" / "ingest-killed"
+    wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 30, "run completed")
+    rows = read_jsonl(run / "tracks" / "robot_state" / "data.jsonl")
+    points = read_jsonl(run / "metrics" / "train" / "data.jsonl")
+    assert len(rows) >= 2_001 and [r["timestamp"] for r in rows] == sorted({r["timestamp"] for r in rows})
+    counters = read_json(run / "experiment.json")["dashcar"]["counters"]
+    lost = counters.get("missing", 0) + counters.get("dropped_by_producer", 0)
+    assert len(rows) + len(points) + 2 + lost == 20_000 + 2_000 + 2, "every frame is on disk or counted as lost"
