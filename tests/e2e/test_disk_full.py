@@ -88,7 +88,7 @@ def rss_anon_mb(pid: int) -> float:
 
 def test_a_growing_backlog_keeps_agent_memory_flat(small_disk: Path, agent_factory: Any, producers: Any) -> None:
     """The sink cannot write (full disk) while 300 000 frames pile up: they wait in the WAL on
-    disk, and the agent's private memory stays flat."""
+    disk, and the agent's private memory (both its processes) stays flat."""
     agent: AgentHandle = agent_factory("--merge-window-s", "0.05").start()
     assert agent.proc is not None
     n = 300_000
@@ -107,7 +107,7 @@ def test_a_growing_backlog_keeps_agent_memory_flat(small_disk: Path, agent_facto
     samples = []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        samples.append(rss_anon_mb(agent.proc.pid))
+        samples.append(sum(rss_anon_mb(pid) for pid in agent.pids()))
         if agent.status()["frames"]["stored"] >= n:
             break
         time.sleep(0.05)
