@@ -41,7 +41,7 @@ import zmq
 from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, validate
 
 from .config import AgentConfig
-from .errors import WALFull
+from .errors import WALError
 from .wal import Wal
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Ingest:
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
         try:
             self.wal.append(good, meta)
-        except (WALFull, lmdb.Error) as exc:
+        except (WALError, lmdb.Error) as exc:
             self.counters["stored"] -= wire
             self.counters["dropped_wal"] += wire
             self.wal_error = str(exc)

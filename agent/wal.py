@@ -38,7 +38,7 @@ from typing import Final
 import lmdb
 import msgpack
 
-from .errors import WALCorrupt, WALFull
+from .errors import WALCorrupt, WALError, WALFull
 
 _U64: Final = struct.Struct(">Q")
 APPEND_SHARE: Final = 0.85
@@ -72,11 +72,14 @@ class Wal:
         if state:
             self.state_env = _open(path.parent / (path.name + "-state"), STATE_MAP_BYTES, sync)
             self.sink = self.state_env.open_db(b"sink")
+        self.last_seq = self._stored_last_seq()
+
+    def _stored_last_seq(self) -> int:
         with self.env.begin(db=self.wal) as txn:
             cur = txn.cursor()
-            self.last_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
-        if self.last_seq == 0:
-            self.last_seq = int(self.get_meta("last_seq", 0))  # type: ignore[call-overload]
+            if cur.last():
+                return int(_U64.unpack(cur.key())[0])
+        return int(self.get_meta("last_seq", 0))  # type: ignore[call-overload]
 
     def close(self) -> None:
         """Close the environments (all transactions must be finished)."""
@@ -100,15 +103,19 @@ class Wal:
             raise WALFull(f"WAL at {self.path} is at {APPEND_SHARE:.0%} of its {self.max_bytes}-byte cap")
 
         def put(txn: lmdb.Transaction) -> None:
-            seq = first
-            for rec in records:
-                txn.put(_U64.pack(seq), rec, db=self.wal, append=True)
-                seq += 1
+            pack = _U64.pack
+            _, added = txn.cursor(db=self.wal).putmulti([(pack(seq), rec) for seq, rec in enumerate(records, first)], append=True)
+            if added != len(records):
+                raise WALError(f"WAL at {self.path} already holds seq {first}: another process appends to it")
             for name, value in meta.items():
                 txn.put(name.encode(), msgpack.packb(value), db=self.meta)
             txn.put(b"last_seq", msgpack.packb(first + len(records) - 1), db=self.meta)
 
-        self._write(self.env, put)
+        try:
+            self._write(self.env, put)
+        except WALError:
+            self.last_seq = self._stored_last_seq()
+            raise
         self.last_seq = first + len(records) - 1
         return self.last_seq
 

@@ -184,13 +184,8 @@ def encode(frame: Frame) -> bytes:
     return head + msgpack.packb(frame.seq) + msgpack.packb(_wire_payload(frame.payload))
 
 
-_UNPACK_LIMITS = dict(
-    max_str_len=MAX_FRAME_BYTES,
-    max_bin_len=0,
-    max_ext_len=0,
-    max_array_len=MAX_CONTAINER_LEN,
-    max_map_len=MAX_CONTAINER_LEN,
-)
+_unpackb = msgpack.unpackb
+"""Strings need no limit of their own: none can be longer than the (bounded) frame."""
 
 
 def _int(value: object, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
@@ -292,13 +287,15 @@ def _check_name(name: str, what: str) -> None:
 
 
 _KINDS = {k.value: k for k in Kind}
+_valid_runs: set[tuple[str, str]] = set()
+"""(root, prefix) pairs already found valid (bounded): the names of a run are checked once."""
 
 
 def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        raw = msgpack.unpackb(data, **_UNPACK_LIMITS)
+        raw = _unpackb(data, max_bin_len=0, max_ext_len=0, max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)
     except Exception as exc:
         raise DecodeError(f"not a msgpack frame: {exc}") from exc
     if type(raw) is not list or not raw:
@@ -313,8 +310,11 @@ def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
         raise DecodeError(f"unknown frame kind {kind_raw!r}")
     if kind >= FIRST_INTERNAL_KIND and not internal:
         raise DecodeError(f"frame kind {kind_raw!r} is reserved for the agent")
-    check_root(root)
-    check_prefix(prefix)
+    if type(root) is not str or type(prefix) is not str or (root, prefix) not in _valid_runs:
+        check_root(root)
+        check_prefix(prefix)
+        if len(_valid_runs) < 65536:
+            _valid_runs.add((root, prefix))
     if type(sid) is not int or not 1 <= sid < 2**64:
         raise DecodeError("sid must be an int in [1, 2**64)")
     if type(pid) is not int or not 1 <= pid <= 2**31:
