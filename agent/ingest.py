@@ -1,5 +1,8 @@
 """Ingest: PULL socket → validate → one WAL transaction per drained batch, in its own process.
 
+A message holds one frame, or several from a coalescing producer; either way each frame is
+validated and becomes one WAL record, so nothing downstream knows the difference.
+
 The receive path runs in a child process (``python -m dashcar.agent.ingest``) so that it has
 an interpreter lock of its own: in one process it shared the lock with the sink, which keeps
 a core busy under load, and receiving stalled behind it. The agent and its ingest child share
@@ -38,7 +41,7 @@ import lmdb
 import msgpack
 import zmq
 
-from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, validate
+from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, split_message
 
 from .config import AgentConfig
 from .errors import WALError
@@ -65,6 +68,14 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def saved_counters(wal: Wal) -> tuple[dict[str, Any], dict[str, int]]:
+    """Ingest's counters and rejections by reason as last committed with a batch."""
+    saved = wal.get_meta("ingest", {})
+    counters: dict[str, Any] = {"received": 0, "messages": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
+    counters.update(saved if isinstance(saved, dict) else {})
+    return counters, dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
+
+
 class Ingest:
     """The child's receive side: owns the PULL socket and the WAL's append path."""
 
@@ -77,10 +88,7 @@ class Ingest:
         self._sock_path = runtime_dir / INGEST_SOCKET
         self._rcvhwm = rcvhwm
         self.internal: list[bytes] = []
-        saved = wal.get_meta("ingest", {})
-        self.counters: dict[str, Any] = {"received": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
-        self.counters.update(saved if isinstance(saved, dict) else {})
-        self.rejected_by: dict[str, int] = dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
+        self.counters, self.rejected_by = saved_counters(wal)
         self.wal_error: str | None = None
         self._emptied = False
         self._stopping = False
@@ -173,19 +181,22 @@ class Ingest:
             sock.poll(max(1, int(left * 1000)))
         if not raws:
             return 0
-        self.counters["received"] += len(raws)
         self._emptied = emptied
         good: list[bytes] = []
+        rejected = 0
         for raw in raws:
             try:
-                validate(raw)
+                frames = split_message(raw)
             except ProtocolError as exc:
                 reason = exc.reason
                 self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
-                self.counters["rejected"] += 1
+                rejected += 1
                 self._warn("reject:" + reason, "frame rejected reason=%s detail=%s", reason, exc)
                 continue
-            good.append(raw)
+            good += frames
+        self.counters["messages"] += len(raws)
+        self.counters["received"] += len(good) + rejected
+        self.counters["rejected"] += rejected
         self._store(good)
         return len(raws)
 
@@ -214,10 +225,7 @@ class IngestProcess:
     def __init__(self, cfg: AgentConfig, wal: Wal, on_stored: Callable[[], None]) -> None:
         self.cfg = cfg
         self.on_stored = on_stored
-        saved = wal.get_meta("ingest", {})
-        self.counters: dict[str, Any] = {"received": 0, "stored": 0, "rejected": 0, "dropped_wal": 0}
-        self.counters.update(saved if isinstance(saved, dict) else {})
-        self.rejected_by: dict[str, int] = dict(wal.get_meta("rejected_by", {}) or {})  # type: ignore[call-overload]
+        self.counters, self.rejected_by = saved_counters(wal)
         self.wal_error: str | None = None
         self.last_seq = wal.last_seq
         self.pid: int | None = None

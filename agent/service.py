@@ -89,6 +89,7 @@ class Agent:
             "state_dir": str(self.cfg.state_dir),
             "frames": {
                 "received": ingest["received"],
+                "messages": ingest.get("messages", 0),
                 "stored": ingest["stored"],
                 "rejected": ingest["rejected"],
                 "rejected_by": dict(self.ingest.rejected_by),
@@ -153,15 +154,16 @@ class Agent:
             self.wakeup.wait(min(0.05, self.cfg.merge_window_s / 4))
             self.wakeup.clear()
 
-    def _read_counter(self, pid: int, sid: int) -> tuple[int, int]:
-        """The dead producer's own (last sent seq, dropped) counters; the file is removed."""
+    def _read_counter(self, pid: int, sid: int) -> tuple[int, int, int]:
+        """The dead producer's own (last sent seq, dropped, still buffered) counters; the file is removed."""
         path = counter_path(self.cfg.runtime_dir, pid, sid)
         try:
             data = path.read_bytes()
             path.unlink()
-            return COUNTER.unpack(data[: COUNTER.size]) if len(data) >= COUNTER.size else (0, 0)  # type: ignore[return-value]
         except OSError:
-            return 0, 0
+            return 0, 0, 0
+        data = data[: COUNTER.size].ljust(COUNTER.size, b"\0")
+        return COUNTER.unpack(data)  # type: ignore[return-value]
 
     def sweep_counters(self) -> None:
         """Report producers that died while no agent ran: their queued frames were all lost."""
@@ -174,14 +176,14 @@ class Agent:
             ids = parse_counter_name(name)
             if ids is None or ids[1] in known or pid_alive(ids[0]):
                 continue
-            last_sent, dropped = self._read_counter(*ids)
-            if last_sent or dropped:
-                self._report_gone(ids[1], ids[0], last_sent, dropped)
+            counters = self._read_counter(*ids)
+            if any(counters):
+                self._report_gone(ids[1], ids[0], *counters)
 
-    def _report_gone(self, sid: int, pid: int, last_sent: int, dropped: int) -> None:
-        gone = ProducerGone(last_sent, dropped)
+    def _report_gone(self, sid: int, pid: int, last_sent: int, dropped: int, pending: int) -> None:
+        gone = ProducerGone(last_sent, dropped, pending)
         self.ingest.send_internal(encode(Frame(Kind.PRODUCER_GONE, sid, pid, AGENT_ROOT, AGENT_PREFIX, 1, gone)))
-        log.info("producer sid=%x pid=%d ended last_sent=%d dropped=%d", sid, pid, last_sent, dropped)
+        log.info("producer sid=%x pid=%d ended last_sent=%d dropped=%d pending=%d", sid, pid, last_sent, dropped, pending)
 
     async def watch(self) -> None:
         """Report producers whose process ended, through the WAL so it is ordered and durable."""

@@ -31,6 +31,7 @@ from ._frames import Track as Track
 from ._frames import decode as decode
 from ._frames import encode as encode
 from ._frames import frame_head as frame_head
+from ._frames import split_message as split_message
 from ._frames import validate as validate
 from ._names import check_prefix as check_prefix
 from ._paths import COUNTER as COUNTER
@@ -86,6 +87,7 @@ __all__ = [
     "parse_counter_name",
     "run_dir",
     "runtime_dir",
+    "split_message",
     "split_name",
     "state_dir",
     "track_dir_name",

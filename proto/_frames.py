@@ -24,12 +24,12 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Final, Union
 
 import msgpack
 
 from ._constants import MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
-from ._errors import DecodeError, FrameTooLarge, UnsupportedVersion
+from ._errors import DecodeError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from ._names import check_prefix, check_root, metric_dir_parts, track_dir_name
 
 
@@ -128,12 +128,14 @@ class RunClose:
 class ProducerGone:
     """Written by the agent itself: the producer process ended.
 
-    ``last_sent`` and ``dropped`` are the producer's own counters as it last wrote them to its
-    counter file, so frames that died in its send queue are counted too (0 if unknown).
+    ``last_sent``, ``dropped`` and ``pending`` are the producer's own counters as it last wrote
+    them to its counter file, so frames that died in its send queue or coalescing buffer are
+    counted too (0 if unknown).
     """
 
     last_sent: int
     dropped: int
+    pending: int = 0
 
 
 Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, Meta, ProducerGone]
@@ -175,7 +177,7 @@ def _wire_payload(payload: Payload) -> object:
         return [payload.dropped]
     if isinstance(payload, RunClose):
         return [payload.status, payload.reason, payload.dropped]
-    return [payload.last_sent, payload.dropped]
+    return [payload.last_sent, payload.dropped, payload.pending]
 
 
 def encode(frame: Frame) -> bytes:
@@ -271,8 +273,11 @@ def _payload(kind: Kind, raw: object, build: bool) -> Payload | None:
         if reason is not None:
             _str(reason, "close reason")
         return RunClose(status, reason, _int(dropped, "dropped")) if build else None
-    last_sent, dropped = _list(raw, 2, "producer-gone payload")
-    return ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped")) if build else None
+    if type(raw) is list and len(raw) == 2:
+        raw = [*raw, 0]
+    last_sent, dropped, pending = _list(raw, 3, "producer-gone payload")
+    gone = ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped"), _int(pending, "pending"))
+    return gone if build else None
 
 
 _checked_names: set[str] = set()
@@ -291,6 +296,9 @@ _valid_runs: set[tuple[str, str]] = set()
 """(root, prefix) pairs already found valid (bounded): the names of a run are checked once."""
 
 
+_LIMITS: Final = {"max_bin_len": 0, "max_ext_len": 0, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
+
+
 def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
@@ -298,6 +306,10 @@ def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
         raw = _unpackb(data, max_bin_len=0, max_ext_len=0, max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)
     except Exception as exc:
         raise DecodeError(f"not a msgpack frame: {exc}") from exc
+    return _check(raw, internal, build)
+
+
+def _check(raw: Any, internal: bool, build: bool) -> Frame | None:
     if type(raw) is not list or not raw:
         raise DecodeError("frame must be a non-empty msgpack array")
     if raw[0] != PROTOCOL_VERSION:
@@ -336,5 +348,44 @@ def decode(data: bytes, *, internal: bool = False) -> Frame:
 
 
 def validate(data: bytes) -> None:
-    """Check one wire frame exactly as ``decode`` does, without building it (the ingest path)."""
+    """Check one wire frame exactly as ``decode`` does, without building it."""
     _parse(data, False, False)
+
+
+def split_message(data: bytes) -> list[bytes]:
+    """The validated frames one wire message holds (the ingest path).
+
+    A message is one frame, or several packed back to back by a producer that coalesces
+    (each frame is one self-delimiting msgpack array). A message with any invalid part is
+    refused whole with a ``ProtocolError``.
+    """
+    if len(data) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"message of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        raw = _unpackb(data, max_bin_len=0, max_ext_len=0, max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)
+    except msgpack.ExtraData:
+        return _split(data)
+    except Exception as exc:
+        raise DecodeError(f"not a msgpack frame: {exc}") from exc
+    _check(raw, False, False)
+    return [data]
+
+
+def _split(data: bytes) -> list[bytes]:
+    unpacker = msgpack.Unpacker(max_buffer_size=len(data), **_LIMITS)
+    unpacker.feed(data)
+    frames: list[bytes] = []
+    start = 0
+    try:
+        for raw in unpacker:
+            end = unpacker.tell()
+            _check(raw, False, False)
+            frames.append(data[start:end])
+            start = end
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"not a msgpack frame: {exc}") from exc
+    if start != len(data):
+        raise DecodeError("message ends inside a frame")
+    return frames

@@ -12,8 +12,9 @@ from typing import Final
 from ._errors import ConfigError
 
 COUNTERS_DIR: Final = "producers"
-COUNTER: Final = struct.Struct("=QQ")
-"""A producer's counter file: (last seq handed to ZeroMQ, frames dropped), updated per send."""
+COUNTER: Final = struct.Struct("=QQQ")
+"""A producer's counter file, updated per call: (last seq handed to ZeroMQ, frames dropped,
+frames waiting in its coalescing buffer)."""
 
 
 def counter_path(runtime_dir: Path, pid: int, sid: int) -> Path:

@@ -91,6 +91,12 @@ class Experiment:
     The seed spelling ``Experiment(name=..., project=..., local_path=...)`` stores the run at
     ``<local_path>/<project>/<name>``. Logging never blocks: frames go to the local agent,
     which stores them durably and writes the ML-Dash layout under ``dash_root``.
+
+    ``coalesce_ms`` (default ``$DASHCAR_COALESCE_MS`` or 0, at most 100) sends frames in
+    groups: a call then usually only packs its frame, and a group leaves once its oldest frame
+    has waited that long (checked on the next call), or at ``flush()``, a read, a close or exit.
+    It applies to every thread of this process; frames still grouped when the process is
+    killed are lost, and counted as such by the agent.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Experiment:
         metadata: Mapping[str, Any] | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
         echo_logs: bool | None = None,
+        coalesce_ms: float | None = None,
     ) -> None:
         if prefix is None:
             if name is None:
@@ -128,6 +135,7 @@ class Experiment:
         self._open = False
         self._tls = threading.local()
         self.echo_logs = echo_logs if echo_logs is not None else os.environ.get("DASHCAR_ECHO", "1") != "0"
+        self._coalesce_ms = _transport.check_coalesce_ms(coalesce_ms) if coalesce_ms is not None else None
         self.run = RunContext(self)
         self.params = ParamsBuilder(self)
         self.metrics = MetricsManager(self)
@@ -149,6 +157,8 @@ class Experiment:
         if env.get("DASHCAR_AUTOSPAWN", "1") != "0":
             _agent.ensure_agent(rd, env)
         self._transport = _transport.get_transport(rd)
+        if self._coalesce_ms is not None:
+            self._transport.set_coalescing(self._coalesce_ms)
         self._owner_pid = os.getpid()
         self._open = True
         with _open_lock:

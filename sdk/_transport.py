@@ -6,6 +6,14 @@ absent past ``SNDHWM`` frames) raises ``zmq.Again``: the frame is dropped and co
 its sequence number is not used, so the agent's gap count measures only frames lost after
 they left this process. After ``fork()`` the child leaves the inherited context alone and
 builds its own producers with fresh ids (pyzmq's ``Context.instance()`` rule).
+
+Coalescing (off by default; ``DASHCAR_COALESCE_MS`` or ``Experiment(coalesce_ms=...)``) keeps
+packed frames in the thread's buffer and hands them to ZeroMQ as one message once the oldest
+has waited the window: the check runs on the next call, so a frame waits at most the window
+plus one call interval, or until ``flush()``, a read, a run close or interpreter exit ships
+it. That saves the cross-process wake-up per call. Frames still buffered when the process is
+killed are lost; the counter file holds how many, and the agent reports them with the frames
+that died in the send queue.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, ConfigError, counter_path, ensure_private_dir, frame_head
+from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, ConfigError, Kind, counter_path, ensure_private_dir, frame_head
 
 if TYPE_CHECKING:
     import zmq
@@ -45,6 +53,12 @@ def load_zmq() -> Any:
 SNDHWM_DEFAULT = 100_000
 LINGER_MS_DEFAULT = 1000
 DROP_REPORT_INTERVAL_S = 10.0
+COALESCE_MAX_MS = 100.0
+COALESCE_MAX_FRAMES = 256
+COALESCE_MAX_BYTES = 1 << 20
+_ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE))
+"""Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
+barrier and a close (the agent commits at once when one arrives)."""
 
 
 def _default(obj: Any) -> Any:
@@ -79,9 +93,14 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
 class Producer:
     """One thread's PUSH socket, producer id, sequence counter and drop counter."""
 
-    __slots__ = ("sock", "sid", "pid", "seq", "dropped", "counter", "_heads", "_packer", "_last_report")
+    __slots__ = (
+        "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report", "_buf", "_buf_t",
+        "_buf_bytes",
+    )
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path, endpoint: str, sndhwm: int, linger_ms: int) -> None:
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path, endpoint: str, sndhwm: int, linger_ms: int, coalesce_s: float = 0.0
+    ) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
@@ -94,9 +113,13 @@ class Producer:
         self._heads: dict[tuple[int, str, str], bytes] = {}
         self._packer = msgpack.Packer(default=_default)
         self._last_report = 0.0
+        self.coalesce_s = coalesce_s
+        self._buf: list[tuple[bytes, bytes]] = []
+        self._buf_t = 0.0
+        self._buf_bytes = 0
 
     def send(self, kind: int, root: str, prefix: str, payload: object, wait_s: float = 0.0) -> int:
-        """Send one frame; returns its sequence number, or 0 if it was dropped.
+        """Send one frame; returns its sequence number, 0 if it was dropped, -1 if it was buffered.
 
         The hot path never waits (``wait_s=0``); barriers and run closes may wait up to
         ``wait_s`` for room in a full queue, since they are called outside the control loop.
@@ -105,11 +128,16 @@ class Producer:
         head = self._heads.get(key)
         if head is None:
             head = self._heads[key] = frame_head(kind, self.sid, self.pid, root, prefix)
-        seq = self.seq + 1
         pack = self._packer.pack
-        data = head + pack(seq) + pack(payload)
-        if len(data) > MAX_FRAME_BYTES:
-            raise ValueError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
+        body = pack(payload)
+        if len(head) + len(body) + 9 > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {len(head) + len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
+        if self.coalesce_s and kind not in _ALONE:
+            return self._coalesce(head, body)
+        if self._buf:
+            self.ship(wait_s)
+        seq = self.seq + 1
+        data = head + pack(seq) + body
         try:
             self.sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
@@ -120,7 +148,47 @@ class Producer:
             self._drop()
             return 0
         self.seq = seq
-        _pack_counter(self.counter, 0, seq, self.dropped)
+        _pack_counter(self.counter, 0, seq, self.dropped, 0)
+        return seq
+
+    def _coalesce(self, head: bytes, body: bytes) -> int:
+        buf = self._buf
+        buf.append((head, body))
+        self._buf_bytes += len(head) + len(body) + 9
+        now = time.monotonic()
+        if len(buf) == 1:
+            self._buf_t = now
+        elif now - self._buf_t >= self.coalesce_s or len(buf) >= COALESCE_MAX_FRAMES or self._buf_bytes >= COALESCE_MAX_BYTES:
+            return self.ship()
+        _pack_counter(self.counter, 0, self.seq, self.dropped, len(buf))
+        return -1
+
+    def ship(self, wait_s: float = 0.0) -> int:
+        """Send the coalescing buffer as one message; returns the last seq, 0 if it was dropped."""
+        buf = self._buf
+        if not buf:
+            return self.seq
+        pack = self._packer.pack
+        seq = self.seq
+        parts: list[bytes] = []
+        for head, body in buf:
+            seq += 1
+            parts += (head, pack(seq), body)
+        n = len(buf)
+        buf.clear()
+        self._buf_bytes = 0
+        data = b"".join(parts)
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            if not (wait_s > 0 and self._send_waiting(data, wait_s)):
+                self._drop(n)
+                return 0
+        except zmq.ZMQError:
+            self._drop(n)
+            return 0
+        self.seq = seq
+        _pack_counter(self.counter, 0, seq, self.dropped, 0)
         return seq
 
     def _send_waiting(self, data: bytes, wait_s: float) -> bool:
@@ -134,9 +202,9 @@ class Producer:
                     continue
         return False
 
-    def _drop(self) -> None:
-        self.dropped += 1
-        _pack_counter(self.counter, 0, self.seq, self.dropped)
+    def _drop(self, n: int = 1) -> None:
+        self.dropped += n
+        _pack_counter(self.counter, 0, self.seq, self.dropped, len(self._buf))
         now = time.monotonic()
         if now - self._last_report >= DROP_REPORT_INTERVAL_S:
             self._last_report = now
@@ -146,11 +214,14 @@ class Producer:
 class Transport:
     """The process-wide set of producers for one runtime directory."""
 
-    def __init__(self, runtime_dir: Path, sndhwm: int = SNDHWM_DEFAULT, linger_ms: int = LINGER_MS_DEFAULT) -> None:
+    def __init__(
+        self, runtime_dir: Path, sndhwm: int = SNDHWM_DEFAULT, linger_ms: int = LINGER_MS_DEFAULT, coalesce_ms: float = 0.0
+    ) -> None:
         self.runtime_dir = runtime_dir
         self.endpoint = f"ipc://{runtime_dir / INGEST_SOCKET}"
         self.sndhwm = sndhwm
         self.linger_ms = linger_ms
+        self.coalesce_s = check_coalesce_ms(coalesce_ms) / 1000
         self.pid = os.getpid()
         self.stale = False
         load_zmq()
@@ -163,11 +234,18 @@ class Transport:
         """This thread's producer, created on first use."""
         p: Producer | None = getattr(self._local, "p", None)
         if p is None:
-            p = Producer(self.ctx, self.runtime_dir, self.endpoint, self.sndhwm, self.linger_ms)
+            p = Producer(self.ctx, self.runtime_dir, self.endpoint, self.sndhwm, self.linger_ms, self.coalesce_s)
             self._local.p = p
             with self._lock:
                 self._producers.append(p)
         return p
+
+    def set_coalescing(self, ms: float) -> None:
+        """Coalesce for ``ms`` milliseconds (0 turns it off) in every thread of this process."""
+        self.coalesce_s = check_coalesce_ms(ms) / 1000
+        with self._lock:
+            for p in self._producers:
+                p.coalesce_s = self.coalesce_s
 
     def dropped(self) -> int:
         """Frames this process dropped (all threads)."""
@@ -181,6 +259,7 @@ class Transport:
         with self._lock:
             producers, self._producers = self._producers, []
         for p in producers:
+            p.ship()
             p.sock.close(linger=self.linger_ms)
         self.ctx.term()
 
@@ -204,9 +283,20 @@ def get_transport(runtime_dir: Path) -> Transport:
         return t
 
 
-def _limits_from_env() -> tuple[int, int]:
+def check_coalesce_ms(ms: float) -> float:
+    """A valid coalescing window in milliseconds, or ``ValueError``."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms <= COALESCE_MAX_MS:
+        raise ValueError(f"coalesce_ms must be a number of milliseconds in [0, {COALESCE_MAX_MS:g}], got {ms!r}")
+    return float(ms)
+
+
+def _limits_from_env() -> tuple[int, int, float]:
     env = os.environ
-    return int(env.get("DASHCAR_SNDHWM", SNDHWM_DEFAULT)), int(env.get("DASHCAR_LINGER_MS", LINGER_MS_DEFAULT))
+    try:
+        coalesce = float(env.get("DASHCAR_COALESCE_MS") or 0)
+    except ValueError:
+        raise ValueError(f"DASHCAR_COALESCE_MS must be a number of milliseconds, got {env['DASHCAR_COALESCE_MS']!r}") from None
+    return int(env.get("DASHCAR_SNDHWM", SNDHWM_DEFAULT)), int(env.get("DASHCAR_LINGER_MS", LINGER_MS_DEFAULT)), coalesce
 
 
 def reset() -> None:

@@ -413,6 +413,8 @@ class JsonlSink:
         if gone.last_sent > ps["last"]:
             self._count(last_run, "lost_in_producer_queue", gone.last_sent - ps["last"])
             ps["last"] = gone.last_sent
+        if gone.pending:
+            self._count(last_run, "lost_in_producer_queue", gone.pending)
         self._reported(ps, last_run, gone.dropped)
         for path in ps["runs"]:
             run = self.runs.get(path)

@@ -141,3 +141,46 @@ def test_validate_accepts_exactly_what_decode_accepts(elements: list[object]) ->
 @pytest.mark.parametrize(("kind", "payload"), PAYLOADS, ids=[f"{k.name}-{i}" for i, (k, _) in enumerate(PAYLOADS)])
 def test_validate_accepts_every_valid_frame(kind: Kind, payload: object) -> None:
     proto.validate(encode(Frame(kind, 0x1234, 4321, ROOT, PREFIX, 7, payload)))  # type: ignore[arg-type]
+
+
+def _wire(i: int, kind: Kind = Kind.TRACK, payload: object = None) -> bytes:
+    return encode(Frame(kind, 0x1234, 4321, ROOT, PREFIX, i, payload or Track("a/b", float(i), {"i": i})))  # type: ignore[arg-type]
+
+
+def test_a_coalesced_message_splits_into_its_frames() -> None:
+    frames = [_wire(i) for i in range(1, 6)]
+    assert proto.split_message(b"".join(frames)) == frames
+    assert proto.split_message(frames[0]) == [frames[0]]
+
+
+def test_a_coalesced_message_with_one_bad_part_is_refused_whole() -> None:
+    good = [_wire(1), _wire(2)]
+    with pytest.raises(DecodeError, match="ends inside a frame"):
+        proto.split_message(b"".join(good) + good[0][:10])
+    with pytest.raises(InvalidName):
+        proto.split_message(good[0] + encode(Frame(Kind.TRACK, 1, 2, ROOT, "../escape", 3, Track("t", 1.0, {}))))
+    with pytest.raises(DecodeError, match="reserved"):
+        proto.split_message(good[0] + encode(Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 3, ProducerGone(1, 2))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.binary(max_size=64), max_size=4), cut=st.integers(0, 400))
+def test_split_of_arbitrary_bytes_raises_only_protocol_error(parts: list[bytes], cut: int) -> None:
+    data = b"".join(p for pair in zip([_wire(1)] * len(parts), parts) for p in pair)
+    for message in (data, data[:cut]):
+        try:
+            frames = proto.split_message(message)
+        except ProtocolError:
+            continue
+        assert b"".join(frames) == message
+        for f in frames:
+            decode(f)
+
+
+def test_producer_gone_records_of_the_older_two_field_form_still_decode() -> None:
+    """WAL records written before the pending count existed decode with pending = 0."""
+    new_payload = msgpack.packb([5, 6, 0])
+    record = encode(Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 1, ProducerGone(5, 6)))
+    assert record.endswith(new_payload)
+    legacy = record[: -len(new_payload)] + msgpack.packb([5, 6])
+    assert decode(legacy, internal=True).payload == ProducerGone(5, 6, 0)
