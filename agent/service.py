@@ -24,7 +24,6 @@ from typing import Any
 
 import anyio
 import lmdb
-from anyio.abc import TaskStatus
 
 from dashcar.proto import COUNTER, COUNTERS_DIR, DashcarError, Frame, Kind, ProducerGone, counter_path, encode, parse_counter_name
 
@@ -211,43 +210,52 @@ class Agent:
             done.set()
 
 
-async def serve(cfg: AgentConfig, *, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve(cfg: AgentConfig) -> None:
     """Run the agent until a stop signal or request; see the module docstring."""
     agent = Agent(cfg)
     tune_gc()
     ingest_done, sink_done = anyio.Event(), anyio.Event()
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent.run_thread, ingest_done, agent.ingest.run)
-            tg.start_soon(agent.run_thread, sink_done, agent.sink_loop)
-            tg.start_soon(agent.watch)
-            await tg.start(
-                control.serve, cfg.runtime_dir, agent.sink, agent.status, agent.stop_requested.set, agent.request_flush
-            )
-            tg.start_soon(_signals, agent)
-            if not await anyio.to_thread.run_sync(agent.ingest.ready.wait, INGEST_START_TIMEOUT_S):
-                log.error("ingest process not ready after %.0fs; still trying", INGEST_START_TIMEOUT_S)
-            systemd.notify("READY=1")
-            log.info(
-                "agent ready pid=%d ingest_pid=%s runtime_dir=%s state_dir=%s", os.getpid(), agent.ingest.pid, cfg.runtime_dir, cfg.state_dir
-            )
-            task_status.started(agent)
-            await agent.stop_requested.wait()
-            systemd.notify("STOPPING=1")
-            log.info("agent draining deadline_s=%.1f", cfg.shutdown_timeout_s)
-            with anyio.move_on_after(cfg.shutdown_timeout_s) as scope:
-                agent.ingest.request_stop()
-                await ingest_done.wait()
-                agent.stop_sink.set()
-                agent.wakeup.set()
-                await sink_done.wait()
-            if scope.cancelled_caught:
-                log.warning("agent drain exceeded %.1fs; the rest stays in the WAL for the next start", cfg.shutdown_timeout_s)
-                os._exit(1)
-            tg.cancel_scope.cancel()
-    finally:
-        agent.wal.close()
+        await _serve(agent, ingest_done, sink_done)
+    except Exception:
+        # Worker threads may still be inside LMDB; closing it under them would be worse than
+        # exiting: everything stored is in the WAL, and the next start recovers it.
+        log.critical("agent failed; exiting without cleanup", exc_info=True)
+        os._exit(1)
+    agent.wal.close()
     log.info("agent stopped")
+
+
+async def _serve(agent: Agent, ingest_done: anyio.Event, sink_done: anyio.Event) -> None:
+    """Start the threads, the ingest process and the tasks; serve until a stop, then drain in order."""
+    cfg = agent.cfg
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent.run_thread, ingest_done, agent.ingest.run)
+        tg.start_soon(agent.run_thread, sink_done, agent.sink_loop)
+        tg.start_soon(agent.watch)
+        await tg.start(
+            control.serve, cfg.runtime_dir, agent.sink, agent.status, agent.stop_requested.set, agent.request_flush
+        )
+        tg.start_soon(_signals, agent)
+        if not await anyio.to_thread.run_sync(agent.ingest.ready.wait, INGEST_START_TIMEOUT_S):
+            log.error("ingest process not ready after %.0fs; still trying", INGEST_START_TIMEOUT_S)
+        systemd.notify("READY=1")
+        log.info(
+            "agent ready pid=%d ingest_pid=%s runtime_dir=%s state_dir=%s", os.getpid(), agent.ingest.pid, cfg.runtime_dir, cfg.state_dir
+        )
+        await agent.stop_requested.wait()
+        systemd.notify("STOPPING=1")
+        log.info("agent draining deadline_s=%.1f", cfg.shutdown_timeout_s)
+        with anyio.move_on_after(cfg.shutdown_timeout_s) as scope:
+            agent.ingest.request_stop()
+            await ingest_done.wait()
+            agent.stop_sink.set()
+            agent.wakeup.set()
+            await sink_done.wait()
+        if scope.cancelled_caught:
+            log.warning("agent drain exceeded %.1fs; the rest stays in the WAL for the next start", cfg.shutdown_timeout_s)
+            os._exit(1)
+        tg.cancel_scope.cancel()
 
 
 async def _signals(agent: Agent) -> None:
