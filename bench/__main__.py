@@ -54,6 +54,8 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 "| --- | --- | --- | --- | --- |",
                 _row("raw pyzmq + msgpack (same run)", r["raw"]["paced"]),
                 _row("dashcar, agent up", r["sdk_agent_up"]["paced"]),
+                _row(f"dashcar, agent up, coalescing {r['coalesce_ms']:g} ms", r["sdk_agent_up_coalesced"]["paced"]),
+                _row("dashcar, agent down (killed mid-run)", r["sdk_agent_down"]["paced"]),
                 _row("dashcar, agent absent", r["sdk_agent_absent"]["paced"]),
                 "",
                 f"Ratio dashcar / raw at p50: **{r['paced_ratio_sdk_over_raw']['p50_us']}**, "
@@ -64,7 +66,8 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 "| path | calls/s | p50 µs | p99 µs | p99.9 µs | max µs |",
                 "| --- | --- | --- | --- | --- | --- |",
             ]
-            for name, key in (("raw", "raw"), ("dashcar, agent up", "sdk_agent_up"), ("dashcar, agent absent", "sdk_agent_absent")):
+            for name, key in (("raw", "raw"), ("dashcar, agent up", "sdk_agent_up"), ("dashcar, agent up, coalescing", "sdk_agent_up_coalesced"),
+                              ("dashcar, agent down", "sdk_agent_down"), ("dashcar, agent absent", "sdk_agent_absent")):
                 t = r[key]["tight"]
                 lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
             lines.append("")
@@ -87,7 +90,7 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 "| client | p50 µs | p99 µs | p99.9 µs | max µs | rows on disk after SIGKILL ~1 s in |",
                 "| --- | --- | --- | --- | --- | --- |",
             ]
-            for name in ("ml_dash", "dashcar"):
+            for name in ("ml_dash", "dashcar", "dashcar_coalesced"):
                 p = r[name]["paced"]
                 lines.append(f"| {name} | {p['p50_us']} | {p['p99_us']} | {p['p999_us']} | {p['max_us']} | "
                              f"{r[name]['rows_on_disk_after_sigkill_at_1s']} |")
@@ -111,7 +114,49 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
             )
         lines.append("")
     lines += ["![call cost](bench_latency.png)", "", "![ingest](bench_ingest.png)", ""]
+    lines += goals(results)
     return "\n".join(lines)
+
+
+def goals(results: list[dict[str, Any]]) -> list[str]:
+    """The goals of ``DESIGN.md`` §4 next to this run's figures."""
+    by = {r["bench"]: r for r in results if r["bench"] != "ingest"}
+    ingest = {r["producers"]: r for r in results if r["bench"] == "ingest"}
+    rows: list[tuple[str, str, bool | None]] = []
+    if "hotpath" in by:
+        h = by["hotpath"]
+        ratio = h["paced_ratio_sdk_over_raw"]
+        rows.append(("paced p50 and p99 ≤ 1.3× raw", f"{ratio['p50_us']}× / {ratio['p99_us']}×", max(ratio.values()) <= 1.3))
+        for key, name in (("sdk_agent_up", "up"), ("sdk_agent_down", "down")):
+            mx = h[key]["paced"]["max_us"]
+            rows.append((f"paced max over the run ≤ 1 ms (agent {name}; raw path: {h['raw']['paced']['max_us']} µs)", f"{mx} µs", mx <= 1000))
+        cps = h["sdk_agent_up"]["tight"]["calls_per_s"]
+        rows.append(("tight loop ≥ 300 000 calls/s", f"{cps}", cps >= 300_000))
+    if "peer" in by:
+        p = by["peer"]
+        ml = p["ml_dash"]["paced"]
+        for key in ("dashcar", "dashcar_coalesced"):
+            d = p[key]["paced"]
+            rows.append((f"{key} p50 ≤ ml-dash buffered p50 ({ml['p50_us']} µs)", f"{d['p50_us']} µs", d["p50_us"] <= ml["p50_us"]))
+            rows.append((f"{key} p99.9 < ml-dash p99.9 ({ml['p999_us']} µs)", f"{d['p999_us']} µs", d["p999_us"] < ml["p999_us"]))
+    if 4 in ingest:
+        r = ingest[4]
+        rows.append(("4 producers → WAL ≥ 300 000 frames/s", f"{r['wal_frames_per_s']}", (r["wal_frames_per_s"] or 0) >= 300_000))
+        rows.append(("→ merged JSONL ≥ 150 000 frames/s, no drops", f"{r['jsonl_frames_per_s']}, {r['dropped_by_producers']} dropped",
+                     r["jsonl_frames_per_s"] >= 150_000 and r["dropped_by_producers"] == 0))
+    if "loop" in by:
+        f = by["loop"]["freshness"]["p99_us"]
+        rows.append(("freshness p99 ≤ 50 ms", f"{f / 1000:.1f} ms", f <= 50_000))
+    if "footprint" in by:
+        fp = by["footprint"]
+        rows.append((f"agent RssAnon with a {fp['backlog_frames']}-frame backlog ≤ 150 MB", f"{fp['rss_with_backlog_mb']} MB", fp["rss_with_backlog_mb"] <= 150))
+        rows.append(("`import dashcar` ≤ 60 ms", f"{fp['import_ms']} ms", fp["import_ms"] <= 60))
+    if not rows:
+        return []
+    out = ["## Goals", "", "| goal | this run | met |", "| --- | --- | --- |"]
+    out += [f"| {g} | {v} | {'yes' if ok else 'no'} |" for g, v, ok in rows]
+    out += ["", "Where the time goes, and why the unmet goals stand where they do: [performance.md](performance.md).", ""]
+    return out
 
 
 def charts(results: list[dict[str, Any]]) -> None:
@@ -129,6 +174,7 @@ def charts(results: list[dict[str, Any]]) -> None:
         if r["bench"] == "hotpath":
             series["raw pyzmq+msgpack"] = r["raw"]["paced"]
             series["dashcar (agent up)"] = r["sdk_agent_up"]["paced"]
+            series["dashcar (coalescing)"] = r["sdk_agent_up_coalesced"]["paced"]
             series["dashcar (agent absent)"] = r["sdk_agent_absent"]["paced"]
         if r["bench"] == "peer":
             series["ml-dash (buffered)"] = r["ml_dash"]["paced"]

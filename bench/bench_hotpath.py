@@ -2,6 +2,8 @@
 
 The raw path is ``msgpack.packb`` of an equivalent dict + ``send(NOBLOCK)`` on a PUSH socket
 to a PULL in another process, measured in the same run, so the ratio is the headline figure.
+dashcar is measured with the agent up, up with 2 ms coalescing, down (killed after the run
+opened: frames queue, then drop) and absent (never started).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import zmq
 import dashcar
 from bench._util import Agent, emit, percentiles
 
+COALESCE_MS = 2.0
 STATE = {"q": [0.0] * 6, "qd": [0.0] * 6, "tau": [0.0] * 6, "gripper_pos": 0.04, "gripper_force": 10.0}
 
 
@@ -124,12 +127,20 @@ def main() -> None:
         exp = dashcar.Experiment(prefix="bench/hotpath/up", dash_root=agent.data_dir).start()
         up = sdk_path(exp, args.seconds, args.rate, args.tight)
         exp.complete()
+        co = dashcar.Experiment(prefix="bench/hotpath/coalesced", dash_root=agent.data_dir, coalesce_ms=COALESCE_MS).start()
+        coalesced = sdk_path(co, args.seconds, args.rate, args.tight)
+        co.complete()
+        down_exp = dashcar.Experiment(prefix="bench/hotpath/down", dash_root=agent.data_dir, coalesce_ms=0).start()
+        assert down_exp.flush()
+        agent.proc.kill()
+        agent.proc.wait()
+        down = sdk_path(down_exp, args.seconds, args.rate, args.tight)
     absent_exp = dashcar.Experiment(prefix="bench/hotpath/absent", dash_root=agent.data_dir).start()
     absent = sdk_path(absent_exp, args.seconds, args.rate, args.tight)
     ratio = {k: round(up["paced"][k] / raw["paced"][k], 2) for k in ("p50_us", "p99_us")}
-    emit("hotpath", {"raw": raw, "sdk_agent_up": up, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio,
+    emit("hotpath", {"raw": raw, "sdk_agent_up": up, "sdk_agent_up_coalesced": coalesced, "sdk_agent_down": down,
+                     "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
                      "seconds": args.seconds, "rate_hz": args.rate})
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Against the peer: the same 6-DOF workload through the reference ``ml-dash`` client (local mode),
-its call cost next to dashcar's in the same run, and what each has on disk when the producer is
-SIGKILLed 1 s into a 1 kHz run."""
+its call cost next to dashcar's (default, and with 2 ms coalescing) in the same run, and what
+each has on disk when the producer is SIGKILLed 1 s into a 1 kHz run."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ if which == "ml_dash":
     exp = Experiment(prefix="peer/bench/run", dash_root=root)
 else:
     from dashcar import Experiment
-    exp = Experiment(prefix="peer/bench/run", dash_root=root, echo_logs=False)
+    exp = Experiment(prefix="peer/bench/run", dash_root=root, echo_logs=False, coalesce_ms=2 if which == "dashcar_coalesced" else 0)
 exp.run.start()
 track = exp.tracks("robot/state")
 q = [0.1] * 6
@@ -76,7 +76,7 @@ def main() -> None:
     result: dict[str, object] = {}
     with Agent() as agent:
         env = dict(agent.env)
-        for which in ("ml_dash", "dashcar"):
+        for which in ("ml_dash", "dashcar", "dashcar_coalesced"):
             costs, _ = run(which, env, args.calls, kill_after_1s=False)
             _, on_disk = run(which, env, args.calls, kill_after_1s=True)
             result[which] = {"paced": percentiles(costs), "rows_on_disk_after_sigkill_at_1s": on_disk}

@@ -35,6 +35,9 @@ FLUSH_RESEND_S = 1.0
 _MISSING: Any = object()
 
 
+_isfinite = math.isfinite
+
+
 def check_ts(ts: object) -> float:
     """Validate a track timestamp: a finite real number, not a bool; else ``ValueError``."""
     t = type(ts)
@@ -235,6 +238,9 @@ class Experiment:
             self.flush()
 
     def _resolve_ts(self, ts: Any) -> float:
+        if type(ts) is float and ts != -1.0 and _isfinite(ts):
+            self._tls.last_ts = ts
+            return ts
         if ts == -1 and type(ts) is not bool:
             last: float | None = getattr(self._tls, "last_ts", None)
             if last is None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from dashcar.proto import LOG_LEVELS, Kind
+
+_LOG: Final = int(Kind.LOG)
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -36,7 +38,7 @@ def write(exp: Experiment, message: str, level: str, metadata: Mapping[str, Any]
     meta = {**metadata, **extra} if metadata else (extra or None)
     if exp.echo_logs:
         echo(str(message), lvl, meta)
-    exp._emit(Kind.LOG, (str(message), lvl, time.time(), meta))
+    exp._emit(_LOG, (str(message), lvl, time.time(), meta))
 
 
 class LogBuilder:

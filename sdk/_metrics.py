@@ -11,11 +11,13 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from dashcar.proto import Kind, metric_dir_parts
 
 from . import _read
+
+_METRIC: Final = int(Kind.METRIC)
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -180,7 +182,7 @@ class Series:
 
     def _send(self, points: list[dict[str, Any]]) -> None:
         for i in range(0, len(points), BATCH_POINTS):
-            self._exp._emit(Kind.METRIC, (self._name, points[i:i + BATCH_POINTS], self._folder))
+            self._exp._emit(_METRIC, (self._name, points[i:i + BATCH_POINTS], self._folder))
         if self._next_index is not None:
             self._next_index += len(points)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from dashcar.proto import Kind, track_dir_name
 
 from . import _read
+
+_TRACK: Final = int(Kind.TRACK)
+"""A plain int: enum member lookups cost more than the rest of a call's bookkeeping."""
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -36,7 +39,7 @@ class TrackBuilder:
             raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
         if _ts is _MISSING:
             raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
-        self._emit(Kind.TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
+        self._emit(_TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
         return self
 
     def flush(self) -> TrackBuilder:
