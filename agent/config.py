@@ -31,6 +31,7 @@ class AgentConfig:
     rcvhwm: int = 4096
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
+    nice: int = 0
     log_level: str = "INFO"
 
 

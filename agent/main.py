@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashcar agent: another agent already serves {cfg.runtime_dir}", file=sys.stderr)
         return ALREADY_RUNNING
     setup_logging(cfg.log_level)
+    if cfg.nice:
+        os.nice(cfg.nice)
     import anyio
 
     from . import service

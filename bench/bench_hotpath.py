@@ -73,43 +73,79 @@ def tight(call: Any, n: int) -> tuple[list[int], float]:
     return out, n / (time.perf_counter() - t0)
 
 
-def raw_path(seconds: float, rate: float, tight_n: int) -> dict[str, Any]:
-    d = tempfile.mkdtemp(prefix="dcr-", dir="/tmp")
-    endpoint = f"ipc://{d}/raw.sock"
-    ready = mp.Event()
-    proc = mp.Process(target=_sink, args=(endpoint, ready), daemon=True)
-    proc.start()
-    ready.wait()
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
-    s.setsockopt(zmq.SNDHWM, 100_000)
-    s.connect(endpoint)
-    packb = msgpack.packb
+class RawPath:
+    """``packb`` of an equivalent dict + ``send(NOBLOCK)`` to a PULL in another process."""
 
-    def call(i: int, st: dict[str, Any]) -> None:
+    def __init__(self) -> None:
+        d = tempfile.mkdtemp(prefix="dcr-", dir="/tmp")
+        self.endpoint = f"ipc://{d}/raw.sock"
+        ready = mp.Event()
+        self.proc = mp.Process(target=_sink, args=(self.endpoint, ready), daemon=True)
+        self.proc.start()
+        ready.wait()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.connect(self.endpoint)
+
+    def call(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
         try:
-            s.send(packb({"topic": "robot/state", "_ts": i * 0.001, **st, "gripper_pos": 0.04, "gripper_force": 10.0}), zmq.NOBLOCK)
+            self.sock.send(packb({"topic": "robot/state", "_ts": i * 0.001, **st, "gripper_pos": 0.04, "gripper_force": 10.0}), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
-    p = paced(call, int(seconds * rate), rate)
-    t, cps = tight(call, tight_n)
-    s.send(b"stop")
-    s.close(1000)
-    ctx.term()
-    proc.join(5)
-    return {"paced": percentiles(p), "tight": {**percentiles(t), "calls_per_s": round(cps)}}
+    def close(self) -> None:
+        self.sock.send(b"stop")
+        self.sock.close(1000)
+        self.ctx.term()
+        self.proc.join(5)
 
 
-def sdk_path(exp: dashcar.Experiment, seconds: float, rate: float, tight_n: int) -> dict[str, Any]:
+def sdk_call(exp: dashcar.Experiment) -> Any:
+    """One ``tracks("robot/state").append`` of the 6-DOF state."""
     track = exp.tracks("robot/state")
 
     def call(i: int, st: dict[str, Any]) -> None:
         track.append(q=st["q"], qd=st["qd"], tau=st["tau"], gripper_pos=0.04, gripper_force=10.0, _ts=i * 0.001)
 
-    p = paced(call, int(seconds * rate), rate)
-    t, cps = tight(call, tight_n)
-    return {"paced": percentiles(p), "tight": {**percentiles(t), "calls_per_s": round(cps)}}
+    return call
+
+
+def _nothing() -> None:
+    pass
+
+
+def interleaved(calls: dict[str, Any], seconds: float, rate: float, tight_n: int, blocks: int,
+                turns: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """Measure each path in turns of ``seconds / blocks`` (paced) and ``tight_n / blocks`` calls (tight).
+
+    Turns rather than one stretch per path: this machine's background noise drifts over
+    seconds, and interleaving gives every path the same share of it. ``turns`` holds, per
+    path, what to do (untimed) before and after each of its turns.
+    """
+    turns = turns or {}
+    paced_s: dict[str, list[int]] = {k: [] for k in calls}
+    tight_s: dict[str, list[int]] = {k: [] for k in calls}
+    tight_t: dict[str, float] = dict.fromkeys(calls, 0.0)
+    per_block = max(1, int(seconds * rate / blocks))
+    for _ in range(blocks):
+        for name, call in calls.items():
+            enter, leave = turns.get(name, (_nothing, _nothing))
+            enter()
+            paced_s[name] += paced(call, per_block, rate)
+            leave()
+    for _ in range(blocks):
+        for name, call in calls.items():
+            enter, leave = turns.get(name, (_nothing, _nothing))
+            enter()
+            t, cps = tight(call, max(1, tight_n // blocks))
+            leave()
+            tight_s[name] += t
+            tight_t[name] += len(t) / cps
+    return {
+        name: {"paced": percentiles(paced_s[name]), "tight": {**percentiles(tight_s[name]), "calls_per_s": round(len(tight_s[name]) / tight_t[name])}}
+        for name in calls
+    }
 
 
 def main() -> None:
@@ -117,29 +153,40 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--tight", type=int, default=20_000)
+    ap.add_argument("--blocks", type=int, default=10, help="turns each path gets, interleaved with the others")
     ap.add_argument("--quick", action="store_true", help="1 s, 2000 tight calls: a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.tight = 1.0, 2000
-    raw = raw_path(args.seconds, args.rate, args.tight)
-    with Agent("--merge-window-s", "1.0") as agent:
+        args.seconds, args.tight, args.blocks = 1.0, 2000, 2
+    raw = RawPath()
+    with Agent("--merge-window-s", "1.0", *os.environ.get("BENCH_AGENT_ARGS", "").split()) as agent:
         os.environ.update(agent.env)
-        exp = dashcar.Experiment(prefix="bench/hotpath/up", dash_root=agent.data_dir).start()
-        up = sdk_path(exp, args.seconds, args.rate, args.tight)
-        exp.complete()
-        co = dashcar.Experiment(prefix="bench/hotpath/coalesced", dash_root=agent.data_dir, coalesce_ms=COALESCE_MS).start()
-        coalesced = sdk_path(co, args.seconds, args.rate, args.tight)
+        up = dashcar.Experiment(prefix="bench/hotpath/up", dash_root=agent.data_dir).start()
+        co = dashcar.Experiment(prefix="bench/hotpath/coalesced", dash_root=agent.data_dir).start()
+        transport = up._transport
+        assert transport is not None
+
+        def coalescing_off() -> None:
+            transport.set_coalescing(0)
+            transport.producer().ship()
+
+        same_run = interleaved(
+            {"raw": raw.call, "up": sdk_call(up), "coalesced": sdk_call(co)}, args.seconds, args.rate, args.tight, args.blocks,
+            turns={"coalesced": (lambda: transport.set_coalescing(COALESCE_MS), coalescing_off)},
+        )
+        up.complete()
         co.complete()
-        down_exp = dashcar.Experiment(prefix="bench/hotpath/down", dash_root=agent.data_dir, coalesce_ms=0).start()
+        down_exp = dashcar.Experiment(prefix="bench/hotpath/down", dash_root=agent.data_dir).start()
         assert down_exp.flush()
         agent.proc.kill()
         agent.proc.wait()
-        down = sdk_path(down_exp, args.seconds, args.rate, args.tight)
+        down = interleaved({"down": sdk_call(down_exp)}, args.seconds, args.rate, args.tight, 1)["down"]
+    raw.close()
     absent_exp = dashcar.Experiment(prefix="bench/hotpath/absent", dash_root=agent.data_dir).start()
-    absent = sdk_path(absent_exp, args.seconds, args.rate, args.tight)
-    ratio = {k: round(up["paced"][k] / raw["paced"][k], 2) for k in ("p50_us", "p99_us")}
-    emit("hotpath", {"raw": raw, "sdk_agent_up": up, "sdk_agent_up_coalesced": coalesced, "sdk_agent_down": down,
-                     "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
+    absent = interleaved({"absent": sdk_call(absent_exp)}, args.seconds, args.rate, args.tight, 1)["absent"]
+    ratio = {k: round(same_run["up"]["paced"][k] / same_run["raw"]["paced"][k], 2) for k in ("p50_us", "p99_us")}
+    emit("hotpath", {"raw": same_run["raw"], "sdk_agent_up": same_run["up"], "sdk_agent_up_coalesced": same_run["coalesced"],
+                     "sdk_agent_down": down, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
                      "seconds": args.seconds, "rate_hz": args.rate})
 
 if __name__ == "__main__":
