@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 WARN_INTERVAL_S: Final = 10.0
 MAX_MESSAGE: Final = 1 << 20
+MAX_BATCH_BYTES: Final = 8 << 20
+"""A batch ends at ``ingest_batch`` messages or this many bytes, whichever comes first (a
+coalesced message holds up to 256 frames)."""
 RESTART_BACKOFF_S: Final = (0.2, 5.0)
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -157,26 +160,28 @@ class Ingest:
             ctx.term()
 
     def _collect(self, sock: zmq.Socket[bytes], linger: bool = True) -> int:
-        """Gather one batch: drain the queue, and keep gathering for up to ``group_commit_s``.
+        """Gather one batch: drain the queue (up to ``batch`` messages or ``MAX_BATCH_BYTES``), and keep gathering for up to ``group_commit_s``.
 
         A trickle of frames (a 1 kHz loop) then costs one fsync per interval, not one per frame;
         a flush barrier in the batch, or a full batch, commits at once.
         """
         raws: list[bytes] = []
+        size = 0
         barrier = emptied = False
         deadline = time.monotonic() + self.group_commit_s
         recv = sock.recv
         while True:
             try:
-                while len(raws) < self.batch:
+                while len(raws) < self.batch and size < MAX_BATCH_BYTES:
                     raw = recv(zmq.NOBLOCK)
                     raws.append(raw)
+                    size += len(raw)
                     if raw[2:3] in _BARRIER_KINDS:
                         barrier = True
             except zmq.Again:
                 emptied = True
             left = deadline - time.monotonic()
-            if not linger or barrier or len(raws) >= self.batch or left <= 0:
+            if not linger or barrier or len(raws) >= self.batch or size >= MAX_BATCH_BYTES or left <= 0:
                 break
             sock.poll(max(1, int(left * 1000)))
         if not raws:

@@ -16,7 +16,16 @@ from typing import Any
 
 
 def flatten(fields: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts with dot-joined keys, as ML-Dash's local writer does."""
+    """Flatten nested dicts with dot-joined keys, as ML-Dash's local writer does.
+
+    A flat top-level ``dict`` comes back as the same object (the caller owns it).
+    """
+    if not prefix and type(fields) is dict:
+        for v in fields.values():
+            if type(v) is dict:
+                break
+        else:
+            return fields
     out: dict[str, Any] = {}
     for k, v in fields.items():
         name = f"{prefix}.{k}" if prefix else k

@@ -274,6 +274,7 @@ class JsonlSink:
         return fs
 
     def _append(self, b: Batch, path: str, fs: dict[str, Any], line: str) -> None:
+        """Queue ``line`` (one or more whole lines) for ``path``, past its current size."""
         op = b.appends.get(path)
         if op is None:
             op = b.appends[path] = (fs["size"], [])
@@ -519,8 +520,8 @@ class JsonlSink:
             cols.update(fields)
         fs["columns"] = sorted(cols)
         if fs["last_ts"] is None or settled[0][0] > fs["last_ts"]:
-            for ts, fields in settled:
-                self._append(b, tpath, fs, layout.track_line(ts, fields))
+            line = layout.track_line
+            self._append(b, tpath, fs, "".join([line(ts, fields) for ts, fields in settled]))
             fs["n"] += len(settled)
             self._count(run, "rows_written", len(settled))
         else:
