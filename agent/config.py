@@ -28,7 +28,7 @@ class AgentConfig:
     ingest_batch: int = 4096
     group_commit_s: float = 0.02
     sink_batch: int = 8192
-    rcvhwm: int = 4096
+    rcvhwm: int = 1024
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
     nice: int = 0

@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 
 WARN_INTERVAL_S: Final = 10.0
 MAX_MESSAGE: Final = 1 << 20
-MAX_BATCH_BYTES: Final = 8 << 20
+MAX_BATCH_BYTES: Final = 4 << 20
 """A batch ends at ``ingest_batch`` messages or this many bytes, whichever comes first (a
-coalesced message holds up to 256 frames)."""
+coalesced message holds up to 16 frames)."""
 RESTART_BACKOFF_S: Final = (0.2, 5.0)
 _PR_SET_PDEATHSIG: Final = 1
 

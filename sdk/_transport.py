@@ -54,8 +54,8 @@ SNDHWM_DEFAULT = 100_000
 LINGER_MS_DEFAULT = 1000
 DROP_REPORT_INTERVAL_S = 10.0
 COALESCE_MAX_MS = 100.0
-COALESCE_MAX_FRAMES = 256
-COALESCE_MAX_BYTES = 1 << 20
+COALESCE_MAX_FRAMES = 16
+COALESCE_MAX_BYTES = 16 << 10
 _ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE))
 """Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
 barrier and a close (the agent commits at once when one arrives)."""

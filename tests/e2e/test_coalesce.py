@@ -53,13 +53,16 @@ def test_a_group_leaves_on_the_first_call_after_its_window(agent: AgentHandle) -
 
 
 def test_frames_grouped_in_a_killed_producer_are_counted(agent: AgentHandle, producers: Any) -> None:
+    from dashcar import _transport
+
+    grouped = _transport.COALESCE_MAX_FRAMES - 1
     proc = producers(
         f"""
         import sys, dashcar
         exp = dashcar.Experiment(prefix="lab/co/killed", dash_root={str(agent.data_dir)!r}, coalesce_ms=100, echo_logs=False).start()
         exp.tracks("t").append(i=-1, _ts=-2.0)
         assert exp.flush()
-        for i in range(50):
+        for i in range({grouped}):
             exp.tracks("t").append(i=i, _ts=float(i))
         print("grouped", flush=True)
         sys.stdin.readline()
@@ -74,7 +77,7 @@ def test_frames_grouped_in_a_killed_producer_are_counted(agent: AgentHandle, pro
     counters = read_json(run / "experiment.json")["dashcar"]["counters"]
     rows = read_jsonl(run / "tracks" / "t" / "data.jsonl")
     assert rows == [{"timestamp": -2.0, "i": -1}]
-    assert counters["lost_in_producer_queue"] == 50
+    assert counters["lost_in_producer_queue"] == grouped
 
 
 @pytest.mark.parametrize("bad", [-1, 101, float("nan"), "5", True])
