@@ -32,6 +32,7 @@ class AgentConfig:
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
     nice: int = 0
+    sink_nice: int = 10
     log_level: str = "INFO"
 
 

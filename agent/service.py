@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -53,6 +54,21 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def _lower_thread_priority(by: int) -> None:
+    """Make the calling thread ``by`` nice levels kinder (Linux schedules threads one by one).
+
+    The sink formats JSON; under a burst it should yield the CPU to producers and to ingest,
+    which keep frames from being dropped, and catch up from the WAL afterwards.
+    """
+    if by <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError as exc:
+        log.warning("cannot lower the sink's priority: %s", exc)
 
 
 class Agent:
@@ -116,6 +132,7 @@ class Agent:
 
     def sink_loop(self) -> None:
         """Follow the WAL until stopped and drained; retry with backoff on disk trouble."""
+        _lower_thread_priority(self.cfg.sink_nice)
         backoff = 0.05
         while True:
             flush_target = self._flush_requested
