@@ -108,8 +108,9 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in ingest:
+            who = f"{r['producers']}" + (f", coalescing {r['coalesce_ms']:g} ms" if r.get("coalesce_ms") else "")
             lines.append(
-                f"| {r['producers']} | {r['frames']} | {r['wal_frames_per_s']} | {r['jsonl_frames_per_s']} | "
+                f"| {who} | {r['frames']} | {r['wal_frames_per_s']} | {r['jsonl_frames_per_s']} | "
                 f"{r['dropped_by_producers']} | {r['missing']} | {r['agent_rss_anon_mb_peak']} |"
             )
         lines.append("")
@@ -121,7 +122,7 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
 def goals(results: list[dict[str, Any]]) -> list[str]:
     """The goals of ``DESIGN.md`` §4 next to this run's figures."""
     by = {r["bench"]: r for r in results if r["bench"] != "ingest"}
-    ingest = {r["producers"]: r for r in results if r["bench"] == "ingest"}
+    ingest = {r["producers"]: r for r in results if r["bench"] == "ingest" and not r.get("coalesce_ms")}
     rows: list[tuple[str, str, bool | None]] = []
     if "hotpath" in by:
         h = by["hotpath"]
@@ -194,7 +195,7 @@ def charts(results: list[dict[str, Any]]) -> None:
     ingest = [r for r in results if r["bench"] == "ingest"]
     if ingest:
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [str(r["producers"]) for r in ingest]
+        xs = [str(r["producers"]) + (" (coalescing)" if r.get("coalesce_ms") else "") for r in ingest]
         ax.bar([i - 0.2 for i in range(len(xs))], [r["wal_frames_per_s"] or 0 for r in ingest], 0.4, label="into WAL")
         ax.bar([i + 0.2 for i in range(len(xs))], [r["jsonl_frames_per_s"] for r in ingest], 0.4, label="into merged JSONL")
         ax.set_xticks(range(len(xs)), xs)

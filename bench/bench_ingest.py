@@ -1,7 +1,9 @@
 """Agent ingest: frames/s from N producer processes into the WAL and into merged JSONL, and drops.
 
 Each producer sends ``--frames`` 6-DOF track entries as fast as it can (distinct timestamps,
-so every entry is one JSONL row); the figures are the agent's own counters over wall time.
+so every entry is one JSONL row); the figures are the agent's own counters over wall time. A
+last run repeats 4 producers with 2 ms coalescing. Producers in tight loops saturate the
+agent on purpose: the first drops show where saturation starts.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 from bench._util import Agent, emit
 
 
-def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: Any, out: Any) -> None:
+def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: Any, out: Any, coalesce_ms: float) -> None:
     os.environ.update(env)
     import dashcar
 
-    exp = dashcar.Experiment(prefix=f"bench/ingest/p{idx}", dash_root=root).start()
+    exp = dashcar.Experiment(prefix=f"bench/ingest/p{idx}", dash_root=root, coalesce_ms=coalesce_ms).start()
     track = exp.tracks("robot/state")
     q = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     ready.release()
@@ -32,11 +34,11 @@ def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: 
     exp.complete()
 
 
-def run(producers: int, frames: int) -> dict[str, Any]:
+def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]:
     with Agent("--merge-window-s", "0.2") as agent:
         ctx = mp.get_context("spawn")
         ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_producer, args=(agent.env, str(agent.data_dir), i, frames, ready, go, out)) for i in range(producers)]
+        procs = [ctx.Process(target=_producer, args=(agent.env, str(agent.data_dir), i, frames, ready, go, out, coalesce_ms)) for i in range(producers)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -66,6 +68,7 @@ def run(producers: int, frames: int) -> dict[str, Any]:
         fr = agent.status()["frames"]
         return {
             "producers": producers,
+            "coalesce_ms": coalesce_ms,
             "frames": total,
             "wal_frames_per_s": round(total / t_wal) if t_wal else None,
             "jsonl_frames_per_s": round(total / t_jsonl),
@@ -85,6 +88,7 @@ def main() -> None:
         args.producers, args.frames = [1, 4], 20_000
     for n in args.producers:
         emit("ingest", run(n, args.frames // n))
+    emit("ingest", run(4, args.frames // 4, coalesce_ms=2.0))
 
 
 if __name__ == "__main__":
