@@ -22,7 +22,6 @@ import atexit
 import logging
 import mmap
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -105,7 +104,7 @@ class Producer:
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
         self.sock.connect(endpoint)
-        self.sid = secrets.randbits(63) or 1
+        self.sid = (int.from_bytes(os.urandom(8), "big") >> 1) or 1
         self.pid = os.getpid()
         self.seq = 0
         self.dropped = 0
