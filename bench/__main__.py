@@ -61,6 +61,18 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                 f"Ratio dashcar / raw at p50: **{r['paced_ratio_sdk_over_raw']['p50_us']}**, "
                 f"at p99: **{r['paced_ratio_sdk_over_raw']['p99_us']}**.",
                 "",
+                "Other calls, paced the same way, each against a raw send of an equivalent dict:",
+                "",
+                "| call | p50 µs | p99 µs | p99.9 µs | max µs | ratio at p50 / p99 |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for name, sdk, raw in (("`metrics(\"train\").log` of 3 scalars", "sdk_metric", "raw_metric"), ("`log(...)` with metadata", "sdk_log", "raw_log")):
+                if sdk in r:
+                    d, w = r[sdk]["paced"], r[raw]["paced"]
+                    lines.append(f"{_row(name, d)} {d['p50_us'] / w['p50_us']:.2f} / {d['p99_us'] / w['p99_us']:.2f} |")
+                    lines.append(f"{_row('raw equivalent', w)} |")
+            lines += [
+                "",
                 "Tight loop (as fast as possible):",
                 "",
                 "| path | calls/s | p50 µs | p99 µs | p99.9 µs | max µs |",

@@ -3,7 +3,8 @@
 The raw path is ``msgpack.packb`` of an equivalent dict + ``send(NOBLOCK)`` on a PUSH socket
 to a PULL in another process, measured in the same run, so the ratio is the headline figure.
 dashcar is measured with the agent up, up with 2 ms coalescing, down (killed after the run
-opened: frames queue, then drop) and absent (never started).
+opened: frames queue, then drop) and absent (never started); ``metrics("train").log`` of three
+scalars and ``log(...)`` are measured against their own raw equivalents in the same run.
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ class RawPath:
         except zmq.Again:
             pass
 
+    def metric(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
+        try:
+            self.sock.send(packb({"name": "train", "loss": st["q"][0], "accuracy": st["qd"][0], "lr": 0.001, "_ts": i * 0.001}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def log(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
+        try:
+            self.sock.send(packb({"message": "cycle done", "level": "info", "time": time.time(), "metadata": {"i": i}}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def close(self) -> None:
         self.sock.send(b"stop")
         self.sock.close(1000)
@@ -114,6 +127,25 @@ def sdk_call(exp: dashcar.Experiment) -> Any:
 
 def _nothing() -> None:
     pass
+
+
+def metric_call(exp: dashcar.Experiment) -> Any:
+    """``metrics("train").log`` of 3 scalars."""
+    metric = exp.metrics("train")
+
+    def call(i: int, st: dict[str, Any]) -> None:
+        metric.log(loss=st["q"][0], accuracy=st["qd"][0], lr=0.001)
+
+    return call
+
+
+def log_call(exp: dashcar.Experiment) -> Any:
+    """``log(...)`` of one line with metadata."""
+
+    def call(i: int, st: dict[str, Any]) -> None:
+        exp.log("cycle done", metadata={"i": i})
+
+    return call
 
 
 def interleaved(calls: dict[str, Any], seconds: float, rate: float, tight_n: int, blocks: int,
@@ -166,7 +198,7 @@ def main() -> None:
     raw = RawPath()
     with Agent("--merge-window-s", "1.0", *os.environ.get("BENCH_AGENT_ARGS", "").split()) as agent:
         os.environ.update(agent.env)
-        up = dashcar.Experiment(prefix="bench/hotpath/up", dash_root=agent.data_dir).start()
+        up = dashcar.Experiment(prefix="bench/hotpath/up", dash_root=agent.data_dir, echo_logs=False).start()
         co = dashcar.Experiment(prefix="bench/hotpath/coalesced", dash_root=agent.data_dir).start()
         transport = up._transport
         assert transport is not None
@@ -176,7 +208,9 @@ def main() -> None:
             transport.producer().ship()
 
         same_run = interleaved(
-            {"raw": raw.call, "up": sdk_call(up), "coalesced": sdk_call(co)}, args.seconds, args.rate, args.tight, args.blocks,
+            {"raw": raw.call, "up": sdk_call(up), "coalesced": sdk_call(co), "raw_metric": raw.metric, "metric": metric_call(up),
+             "raw_log": raw.log, "log": log_call(up)},
+            args.seconds, args.rate, args.tight, args.blocks,
             turns={"coalesced": (lambda: transport.set_coalescing(COALESCE_MS), coalescing_off)},
             idle=lambda: up.flush(30) and co.flush(30),
         )
@@ -192,6 +226,8 @@ def main() -> None:
     absent = interleaved({"absent": sdk_call(absent_exp)}, args.seconds, args.rate, args.tight, 1)["absent"]
     ratio = {k: round(same_run["up"]["paced"][k] / same_run["raw"]["paced"][k], 2) for k in ("p50_us", "p99_us")}
     emit("hotpath", {"raw": same_run["raw"], "sdk_agent_up": same_run["up"], "sdk_agent_up_coalesced": same_run["coalesced"],
+                     "raw_metric": same_run["raw_metric"], "sdk_metric": same_run["metric"], "raw_log": same_run["raw_log"],
+                     "sdk_log": same_run["log"],
                      "sdk_agent_down": down, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
                      "seconds": args.seconds, "rate_hz": args.rate})
 
