@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ class Agent:
         return total
 
     def close(self) -> None:
+        """Stop the agent and remove its directories."""
         self.proc.terminate()
         try:
             self.proc.wait(30)
@@ -79,6 +81,7 @@ class Agent:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Agent:
         return self

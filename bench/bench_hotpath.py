@@ -13,6 +13,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -79,8 +80,8 @@ class RawPath:
     """``packb`` of an equivalent dict + ``send(NOBLOCK)`` to a PULL in another process."""
 
     def __init__(self) -> None:
-        d = tempfile.mkdtemp(prefix="dcr-", dir="/tmp")
-        self.endpoint = f"ipc://{d}/raw.sock"
+        self.dir = tempfile.mkdtemp(prefix="dcr-", dir="/tmp")
+        self.endpoint = f"ipc://{self.dir}/raw.sock"
         ready = mp.Event()
         self.proc = mp.Process(target=_sink, args=(self.endpoint, ready), daemon=True)
         self.proc.start()
@@ -113,6 +114,7 @@ class RawPath:
         self.sock.close(1000)
         self.ctx.term()
         self.proc.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def sdk_call(exp: dashcar.Experiment) -> Any:

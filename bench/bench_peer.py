@@ -5,6 +5,7 @@ each has on disk when the producer is SIGKILLed 1 s into a 1 kHz run."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,17 +54,20 @@ def run(which: str, env: dict[str, str], n: int, kill_after_1s: bool) -> tuple[l
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline().strip() == "1s"
-    if kill_after_1s:
-        time.sleep(0.05)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        time.sleep(1.5)
-        return [], rows(root)
-    costs = [int(x) for x in p.stdout.readline().split()]
-    p.stdin.write("\n")
-    p.stdin.flush()
-    p.wait(60)
-    return costs, rows(root)
+    try:
+        if kill_after_1s:
+            time.sleep(0.05)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            time.sleep(1.5)
+            return [], rows(root)
+        costs = [int(x) for x in p.stdout.readline().split()]
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(60)
+        return costs, rows(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

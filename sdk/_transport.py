@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, ConfigError, Kind, counter_path, ensure_private_dir, frame_head
+from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, Kind, counter_path, frame_head
 
 if TYPE_CHECKING:
     import zmq
@@ -74,13 +74,14 @@ _pack_counter = COUNTER.pack_into
 def _open_counter(path: Path) -> mmap.mmap | bytearray:
     """Map this producer's counter file, which the agent reads if the process dies.
 
-    Without a usable runtime dir the counters go to plain memory: logging still works, only
-    the count of frames lost in the send queue at a crash is then unknown to the agent.
+    Without a runtime dir (no agent has made one, or it was removed) the counters go to plain
+    memory: logging still works, only the count of frames lost in the send queue at a crash is
+    then unknown to the agent. The runtime dir itself is never created here.
     """
     try:
-        ensure_private_dir(path.parent)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except (OSError, ConfigError):
+    except OSError:
         return bytearray(COUNTER.size)
     try:
         os.ftruncate(fd, COUNTER.size)

@@ -152,9 +152,11 @@ class WalSinkMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if hasattr(self, "wal"):
-            self.everything_lands_exactly_once()
-            self.wal.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                self.everything_lands_exactly_once()
+            finally:
+                self.wal.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 WalSinkMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
