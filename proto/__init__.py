@@ -32,8 +32,11 @@ from ._frames import decode as decode
 from ._frames import encode as encode
 from ._frames import frame_head as frame_head
 from ._frames import split_message as split_message
+from ._frames import unpack_stored as unpack_stored
 from ._frames import validate as validate
 from ._names import check_prefix as check_prefix
+from ._ndarray import NDARRAY_MIN_SIZE as NDARRAY_MIN_SIZE
+from ._ndarray import ndarray_ext as ndarray_ext
 from ._paths import COUNTER as COUNTER
 from ._paths import COUNTERS_DIR as COUNTERS_DIR
 from ._paths import counter_path as counter_path
@@ -88,6 +91,9 @@ __all__ = [
     "run_dir",
     "runtime_dir",
     "split_message",
+    "unpack_stored",
+    "NDARRAY_MIN_SIZE",
+    "ndarray_ext",
     "split_name",
     "state_dir",
     "track_dir_name",

@@ -19,7 +19,8 @@ A frame is one ZeroMQ message holding one msgpack array::
 The first seven elements of a producer's frames for one run and kind never change, so the
 SDK packs them once (``frame_head``) and per call packs only ``seq`` and the payload.
 ``decode`` never trusts its input: sizes are bounded, binary and extension types are refused
-(every value is then a JSON value), and any failure surfaces as a ``ProtocolError``.
+but for numpy arrays (see ``_ndarray``; they decode to lists), so every value is a JSON value,
+and any failure surfaces as a ``ProtocolError``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import msgpack
 from ._constants import MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
 from ._errors import DecodeError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from ._names import check_prefix, check_root, metric_dir_parts, track_dir_name
+from ._ndarray import check_ext, ext_to_list
 
 
 class Kind(enum.IntEnum):
@@ -288,14 +290,16 @@ _valid_runs: set[tuple[str, str]] = set()
 """(root, prefix) pairs already found valid (bounded): the names of a run are checked once."""
 
 
-_LIMITS: Final = {"max_bin_len": 0, "max_ext_len": 0, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
+_LIMITS: Final = {"max_bin_len": 0, "max_ext_len": MAX_FRAME_BYTES, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
 
 
 def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        raw = _unpackb(data, max_bin_len=0, max_ext_len=0, max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)
+        raw = _unpackb(data, ext_hook=ext_to_list if build else check_ext, **_LIMITS)
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise DecodeError(f"not a msgpack frame: {exc}") from exc
     return _check(raw, internal, build)
@@ -339,6 +343,11 @@ def decode(data: bytes, *, internal: bool = False) -> Frame:
     return frame
 
 
+def unpack_stored(record: bytes) -> Any:
+    """Unpack a frame the agent already validated (a WAL record), arrays as lists, without checks."""
+    return _unpackb(record, ext_hook=ext_to_list)
+
+
 def validate(data: bytes) -> None:
     """Check one wire frame exactly as ``decode`` does, without building it."""
     _parse(data, False, False)
@@ -354,9 +363,11 @@ def split_message(data: bytes) -> list[bytes]:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"message of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        raw = _unpackb(data, max_bin_len=0, max_ext_len=0, max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)
+        raw = _unpackb(data, ext_hook=check_ext, **_LIMITS)
     except msgpack.ExtraData:
         return _split(data)
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise DecodeError(f"not a msgpack frame: {exc}") from exc
     _check(raw, False, False)
@@ -364,7 +375,7 @@ def split_message(data: bytes) -> list[bytes]:
 
 
 def _split(data: bytes) -> list[bytes]:
-    unpacker = msgpack.Unpacker(max_buffer_size=len(data), **_LIMITS)
+    unpacker = msgpack.Unpacker(max_buffer_size=len(data), ext_hook=check_ext, **_LIMITS)
     unpacker.feed(data)
     frames: list[bytes] = []
     start = 0

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, Kind, counter_path, frame_head
+from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, NDARRAY_MIN_SIZE, Kind, counter_path, frame_head, ndarray_ext
 
 if TYPE_CHECKING:
     import zmq
@@ -61,7 +61,16 @@ barrier and a close (the agent commits at once when one arrives)."""
 
 
 def _default(obj: Any) -> Any:
-    """Pack numpy arrays and scalars (and anything with ``tolist``) as plain values."""
+    """Pack numpy arrays and scalars (and anything with ``tolist``) as plain values.
+
+    Numeric arrays of ``NDARRAY_MIN_SIZE`` elements or more go as their raw bytes (see
+    ``dashcar.proto._ndarray``); the agent writes them as the same lists.
+    """
+    cls = type(obj)
+    if cls.__name__ == "ndarray" and cls.__module__ == "numpy" and obj.size >= NDARRAY_MIN_SIZE:
+        ext = ndarray_ext(obj)
+        if ext is not None:
+            return ext
     tolist = getattr(obj, "tolist", None)
     if tolist is not None:
         return tolist()

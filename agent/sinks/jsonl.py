@@ -35,9 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgpack
-
-from dashcar.proto import Kind, Meta, ProducerGone, ProtocolError, decode, run_dir
+from dashcar.proto import Kind, Meta, ProducerGone, ProtocolError, decode, run_dir, unpack_stored
 
 from .. import merge
 from ..errors import SinkRetryable
@@ -168,7 +166,7 @@ class JsonlSink:
         now = self.clock()
         for wseq, raw in self.wal.get_records(sorted(owner)):
             key, ts = owner.pop(wseq)
-            fields = merge.flatten(msgpack.unpackb(raw)[7][2])
+            fields = merge.flatten(unpack_stored(raw)[7][2])
             row = rows.setdefault(key, {}).get(ts)
             if row is None:
                 rows[key][ts] = Row(fields, now, [wseq])
@@ -298,7 +296,7 @@ class JsonlSink:
             self.recover()
         records = self.wal.read(self.cursor, self.batch_records)
         b = Batch(now=self.clock())
-        unpack = msgpack.unpackb
+        unpack = unpack_stored
         for wseq, raw in records:
             try:
                 f = unpack(raw)

@@ -104,6 +104,22 @@ def test_numpy_values_are_accepted_everywhere(agent: AgentHandle) -> None:
     assert read_jsonl(exp.run_dir / "tracks" / "arm" / "data.jsonl") == [{"timestamp": 1.5, "q": [0.0, 1.0, 2.0], "n": 2}]
 
 
+def test_large_numpy_arrays_land_as_the_lists_tolist_gives(agent: AgentHandle) -> None:
+    """Big arrays travel as raw bytes; the files hold the same lists, in tracks, metrics and params."""
+    exp = make(agent)
+    cloud = np.random.default_rng(1).random((64, 3), dtype=np.float32)
+    image = np.arange(48 * 4, dtype=np.uint8).reshape(48, 4)
+    with exp.run:
+        exp.params.set(weights=np.linspace(0, 1, 50))
+        exp.tracks("lidar").append(points=cloud, mask=np.ones(40, dtype=bool), _ts=0.5)
+        exp.tracks("lidar").append(image=image, _ts=0.5)
+        exp.metrics("grads").log(norms=np.arange(100, dtype=np.int64))
+    assert read_json(exp.run_dir / "parameters.json")["data"]["weights"] == np.linspace(0, 1, 50).tolist()
+    rows = read_jsonl(exp.run_dir / "tracks" / "lidar" / "data.jsonl")
+    assert rows == [{"timestamp": 0.5, "points": cloud.tolist(), "mask": [True] * 40, "image": image.tolist()}]
+    assert read_jsonl(exp.run_dir / "metrics" / "grads" / "data.jsonl")[0]["data"]["norms"] == list(range(100))
+
+
 @pytest.mark.parametrize("bad", [None, "1.0", True, float("nan"), float("inf"), [1.0]])
 def test_bad_track_timestamps_raise_in_the_caller(agent: AgentHandle, bad: Any) -> None:
     exp = make(agent)

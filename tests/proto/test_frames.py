@@ -81,7 +81,7 @@ def test_non_numeric_track_ts_is_refused(ts: object) -> None:
         decode(raw)
 
 
-def test_binary_and_extension_values_are_refused() -> None:
+def test_binary_and_unknown_extension_values_are_refused() -> None:
     for value in (b"raw-bytes", msgpack.ExtType(5, b"x")):
         raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.TRACK, 1, 2, ROOT, PREFIX, 1, ["t", 1.0, {"v": value}]], use_bin_type=True)
         with pytest.raises(DecodeError):
