@@ -82,6 +82,10 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
                               ("dashcar, agent down", "sdk_agent_down"), ("dashcar, agent absent", "sdk_agent_absent")):
                 t = r[key]["tight"]
                 lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
+            if "array_1000_sdk" in r:
+                for name, key in (("raw, a 1000-float array (`tolist`)", "array_1000_raw"), ("dashcar, a 1000-float array (raw bytes)", "array_1000_sdk")):
+                    t = r[key]
+                    lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
             lines.append("")
     for r in results:
         if r["bench"] == "loop":

@@ -150,6 +150,25 @@ def log_call(exp: dashcar.Experiment) -> Any:
     return call
 
 
+def array_calls(exp: dashcar.Experiment, raw: RawPath) -> dict[str, Any]:
+    """A 1000-float numpy array per call: dashcar (raw bytes) against the raw path (``tolist``)."""
+    import numpy as np
+
+    cloud = np.random.default_rng(0).random(1000)
+    track = exp.tracks("lidar")
+
+    def sdk(i: int, st: dict[str, Any]) -> None:
+        track.append(cloud=cloud, _ts=i * 0.001)
+
+    def plain(i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
+        try:
+            raw.sock.send(packb({"topic": "lidar", "_ts": i * 0.001, "cloud": cloud.tolist()}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    return {"raw": plain, "sdk": sdk}
+
+
 def interleaved(calls: dict[str, Any], seconds: float, rate: float, tight_n: int, blocks: int,
                 turns: dict[str, tuple[Any, Any]] | None = None, idle: Any = _nothing) -> dict[str, Any]:
     """Measure each path in turns of ``seconds / blocks`` (paced) and ``tight_n / blocks`` calls (tight).
@@ -216,6 +235,7 @@ def main() -> None:
             turns={"coalesced": (lambda: transport.set_coalescing(COALESCE_MS), coalescing_off)},
             idle=lambda: up.flush(30) and co.flush(30),
         )
+        arrays = interleaved(array_calls(up, raw), 0, args.rate, args.tight // 4, args.blocks, idle=lambda: up.flush(30))
         up.complete()
         co.complete()
         down_exp = dashcar.Experiment(prefix="bench/hotpath/down", dash_root=agent.data_dir).start()
@@ -229,7 +249,7 @@ def main() -> None:
     ratio = {k: round(same_run["up"]["paced"][k] / same_run["raw"]["paced"][k], 2) for k in ("p50_us", "p99_us")}
     emit("hotpath", {"raw": same_run["raw"], "sdk_agent_up": same_run["up"], "sdk_agent_up_coalesced": same_run["coalesced"],
                      "raw_metric": same_run["raw_metric"], "sdk_metric": same_run["metric"], "raw_log": same_run["raw_log"],
-                     "sdk_log": same_run["log"],
+                     "sdk_log": same_run["log"], "array_1000_raw": arrays["raw"]["tight"], "array_1000_sdk": arrays["sdk"]["tight"],
                      "sdk_agent_down": down, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
                      "seconds": args.seconds, "rate_hz": args.rate})
 
