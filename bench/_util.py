@@ -81,7 +81,8 @@ class Agent:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-        shutil.rmtree(self.base, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Agent:
         return self

@@ -1,10 +1,12 @@
 """Against the peer: the same 6-DOF workload through the reference ``ml-dash`` client (local mode),
 its call cost next to dashcar's (default, and with 2 ms coalescing) in the same run, and what
-each has on disk when the producer is SIGKILLed 1 s into a 1 kHz run."""
+each has on disk when the producer is SIGKILLed 1 s into a 1 kHz run (for dashcar, once the
+agent has closed the run as crashed: nothing more can arrive after that)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -48,6 +50,19 @@ def rows(root: Path) -> int:
     return sum(1 for _ in open(f)) if f.exists() else 0
 
 
+def closed(root: Path, timeout_s: float) -> None:
+    """Wait until the agent has closed the killed run (it writes every row it received first)."""
+    path = root / "peer" / "bench" / "run" / "experiment.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(path.read_text()).get("status") == "crashed":
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+
+
 def run(which: str, env: dict[str, str], n: int, kill_after_1s: bool) -> tuple[list[int], int]:
     root = Path(tempfile.mkdtemp(prefix="dcp-", dir="/tmp"))
     p = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(root), which, str(n)], env=env, stdin=subprocess.PIPE,
@@ -59,7 +74,8 @@ def run(which: str, env: dict[str, str], n: int, kill_after_1s: bool) -> tuple[l
             time.sleep(0.05)
             p.send_signal(signal.SIGKILL)
             p.wait()
-            time.sleep(1.5)
+            if which != "ml_dash":
+                closed(root, 10.0)
             return [], rows(root)
         costs = [int(x) for x in p.stdout.readline().split()]
         p.stdin.write("\n")
