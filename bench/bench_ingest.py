@@ -2,7 +2,8 @@
 
 Each producer sends ``--frames`` 6-DOF track entries as fast as it can (distinct timestamps,
 so every entry is one JSONL row); the figures are the agent's own counters over wall time:
-frames stored by the time the last one was, and frames written by the time all were. A
+the frames that were not dropped, by the time all of them were stored, and by the time all
+were written. A
 last run repeats 4 producers with 2 ms coalescing. Producers in tight loops saturate the
 agent on purpose: the first drops show where saturation starts.
 """
@@ -48,15 +49,14 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
         t0 = time.perf_counter()
         go.set()
         total = producers * frames
-        stored, t_stored = 0, 0.0
+        samples: list[tuple[float, int]] = []
         peak_rss = 0
         while True:
             st = agent.status()
             now = time.perf_counter() - t0
             peak_rss = max(peak_rss, agent.rss_anon_kb())
             fr = st["frames"]
-            if fr["stored"] - base["stored"] > stored:
-                stored, t_stored = fr["stored"] - base["stored"], now
+            samples.append((now, fr["stored"] - base["stored"]))
             settled = fr["written"] - base["written"] + fr["dropped_by_producers"] + fr["missing"]
             if st["wal"]["backlog"] == 0 and settled >= total:
                 break
@@ -66,6 +66,7 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
         t_jsonl = time.perf_counter() - t0
         written = agent.status()["frames"]["written"] - base["written"]
         dropped = sum(out.get(timeout=60) for _ in procs)
+        t_wal = next((t for t, n in samples if n >= total - dropped), None)
         for p in procs:
             p.join(60)
         fr = agent.status()["frames"]
@@ -73,7 +74,7 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
             "producers": producers,
             "coalesce_ms": coalesce_ms,
             "frames": total,
-            "wal_frames_per_s": round(stored / t_stored) if t_stored else None,
+            "wal_frames_per_s": round((total - dropped) / t_wal) if t_wal else None,
             "jsonl_frames_per_s": round(written / t_jsonl),
             "dropped_by_producers": dropped,
             "missing": fr["missing"],
