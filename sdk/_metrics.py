@@ -18,6 +18,7 @@ from dashcar.proto import Kind, metric_dir_parts
 from . import _read
 
 _METRIC: Final = int(Kind.METRIC)
+_now = time.time
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -197,8 +198,10 @@ class Series:
 
     def log(self, _ts: Any = None, **fields: Any) -> Series:
         """Append one point; ``_ts`` (default now, ``-1`` reuses the last) is stored inside it."""
-        fields["_ts"] = time.time() if _ts is None else self._exp._resolve_ts(_ts)
-        self._send([fields])
+        fields["_ts"] = _now() if _ts is None else self._exp._resolve_ts(_ts)
+        self._exp._emit(_METRIC, (self._name, [fields], self._folder))
+        if self._next_index is not None:
+            self._next_index += 1
         return self
 
     def append(self, **fields: Any) -> dict[str, Any]:
