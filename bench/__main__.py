@@ -36,6 +36,10 @@ def _row(name: str, p: dict[str, Any]) -> str:
     return f"| {name} | {p['p50_us']} | {p['p99_us']} | {p['p999_us']} | {p['max_us']} |"
 
 
+def _tight_row(name: str, t: dict[str, Any]) -> str:
+    return f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |"
+
+
 def render(results: list[dict[str, Any]], quick: bool) -> str:
     lines = [
         "# Benchmarks",
@@ -80,12 +84,10 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
             ]
             for name, key in (("raw", "raw"), ("dashcar, agent up", "sdk_agent_up"), ("dashcar, agent up, coalescing", "sdk_agent_up_coalesced"),
                               ("dashcar, agent down", "sdk_agent_down"), ("dashcar, agent absent", "sdk_agent_absent")):
-                t = r[key]["tight"]
-                lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
+                lines.append(_tight_row(name, r[key]["tight"]))
             if "array_1000_sdk" in r:
                 for name, key in (("raw, a 1000-float array (`tolist`)", "array_1000_raw"), ("dashcar, a 1000-float array (raw bytes)", "array_1000_sdk")):
-                    t = r[key]
-                    lines.append(f"| {name} | {t['calls_per_s']} | {t['p50_us']} | {t['p99_us']} | {t['p999_us']} | {t['max_us']} |")
+                    lines.append(_tight_row(name, r[key]))
             lines.append("")
     for r in results:
         if r["bench"] == "loop":

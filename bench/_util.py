@@ -73,7 +73,7 @@ class Agent:
         return total
 
     def close(self) -> None:
-        """Stop the agent and remove its directories."""
+        """Stop the agent and remove its directories (``BENCH_KEEP=1`` keeps them, with ``agent.log``)."""
         self.proc.terminate()
         try:
             self.proc.wait(30)

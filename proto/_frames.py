@@ -293,16 +293,24 @@ _valid_runs: set[tuple[str, str]] = set()
 _LIMITS: Final = {"max_bin_len": 0, "max_ext_len": MAX_FRAME_BYTES, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
 
 
-def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
+def _unpack(data: bytes, ext_hook: Any, *, coalesced: bool = False) -> Any:
+    """One bounded msgpack value; with ``coalesced``, frames packed back to back raise ``ExtraData``."""
     if len(data) > MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+        raise FrameTooLarge(f"message of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        raw = _unpackb(data, ext_hook=ext_to_list if build else check_ext, **_LIMITS)
+        return _unpackb(data, ext_hook=ext_hook, **_LIMITS)
     except ProtocolError:
         raise
+    except msgpack.ExtraData:
+        if coalesced:
+            raise
+        raise DecodeError("not a msgpack frame: data after the frame") from None
     except Exception as exc:
         raise DecodeError(f"not a msgpack frame: {exc}") from exc
-    return _check(raw, internal, build)
+
+
+def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
+    return _check(_unpack(data, ext_to_list if build else check_ext), internal, build)
 
 
 def _check(raw: Any, internal: bool, build: bool) -> Frame | None:
@@ -360,16 +368,10 @@ def split_message(data: bytes) -> list[bytes]:
     (each frame is one self-delimiting msgpack array). A message with any invalid part is
     refused whole with a ``ProtocolError``.
     """
-    if len(data) > MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"message of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        raw = _unpackb(data, ext_hook=check_ext, **_LIMITS)
+        raw = _unpack(data, check_ext, coalesced=True)
     except msgpack.ExtraData:
         return _split(data)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"not a msgpack frame: {exc}") from exc
     _check(raw, False, False)
     return [data]
 

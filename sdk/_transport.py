@@ -139,31 +139,35 @@ class Producer:
             head = self._heads[key] = frame_head(kind, self.sid, self.pid, root, prefix)
         pack = self._packer.pack
         body = pack(payload)
-        if len(head) + len(body) + 9 > MAX_FRAME_BYTES:
-            raise ValueError(f"frame of {len(head) + len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
+        size = len(head) + len(body) + 9
+        if size > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
         if self.coalesce_s and kind not in _ALONE:
-            return self._coalesce(head, body)
+            return self._coalesce(head, body, size)
         if self._buf:
             self.ship(wait_s)
         seq = self.seq + 1
-        data = head + pack(seq) + body
+        return self._hand_over(head + pack(seq) + body, seq, 1, wait_s)
+
+    def _hand_over(self, data: bytes, seq: int, n: int, wait_s: float) -> int:
+        """Give ``n`` packed frames ending at ``seq`` to ZeroMQ; returns ``seq``, or 0 once their drop is counted."""
         try:
             self.sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
             if not (wait_s > 0 and self._send_waiting(data, wait_s)):
-                self._drop()
+                self._drop(n)
                 return 0
         except zmq.ZMQError:
-            self._drop()
+            self._drop(n)
             return 0
         self.seq = seq
         _pack_counter(self.counter, 0, seq, self.dropped, 0)
         return seq
 
-    def _coalesce(self, head: bytes, body: bytes) -> int:
+    def _coalesce(self, head: bytes, body: bytes, size: int) -> int:
         buf = self._buf
         buf.append((head, body))
-        self._buf_bytes += len(head) + len(body) + 9
+        self._buf_bytes += size
         now = time.monotonic()
         if len(buf) == 1:
             self._buf_t = now
@@ -186,19 +190,7 @@ class Producer:
         n = len(buf)
         buf.clear()
         self._buf_bytes = 0
-        data = b"".join(parts)
-        try:
-            self.sock.send(data, zmq.NOBLOCK)
-        except zmq.Again:
-            if not (wait_s > 0 and self._send_waiting(data, wait_s)):
-                self._drop(n)
-                return 0
-        except zmq.ZMQError:
-            self._drop(n)
-            return 0
-        self.seq = seq
-        _pack_counter(self.counter, 0, seq, self.dropped, 0)
-        return seq
+        return self._hand_over(b"".join(parts), seq, n, wait_s)
 
     def _send_waiting(self, data: bytes, wait_s: float) -> bool:
         deadline = time.monotonic() + wait_s

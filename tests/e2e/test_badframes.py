@@ -1,4 +1,6 @@
-"""Hostile input is rejected with a reason and counted; the agent keeps serving everyone else."""
+"""Hostile input is rejected with a reason and counted; the agent keeps serving everyone else.
+
+A forged array extension is malformed; a coalesced message with one bad frame is refused whole."""
 
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ def test_bad_frames_are_rejected_counted_and_contained(agent: AgentHandle, dirs:
         (msgpack.packb([v, Kind.TRACK, 1, 2, "relative", "a/b", 1, ["t", 1.0, {}]]), "name"),
         (msgpack.packb([v, Kind.PRODUCER_GONE, 1, 2, root, "a/b", 1, [0, 0]]), "malformed"),
         (msgpack.packb([v, Kind.TRACK, 1, 2, root, "a/b", 1, ["t", float("nan"), {}]]), "malformed"),
+        (msgpack.packb([v, Kind.TRACK, 1, 2, root, "a/b", 1, ["t", 1.0, {"v": msgpack.ExtType(1, b"d\x01\x05\x00\x00\x00" + bytes(8))}]]),
+         "malformed"),
+        (msgpack.packb([v, Kind.TRACK, 1, 2, root, "a/b", 1, ["t", 1.0, {}]])
+         + msgpack.packb([v, Kind.TRACK, 1, 2, root, "../x", 2, ["t", 1.0, {}]]), "name"),
     ]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
