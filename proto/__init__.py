@@ -30,6 +30,7 @@ from ._frames import RunOpen as RunOpen
 from ._frames import Track as Track
 from ._frames import decode as decode
 from ._frames import encode as encode
+from ._frames import frame_from as frame_from
 from ._frames import frame_head as frame_head
 from ._frames import split_message as split_message
 from ._frames import unpack_stored as unpack_stored
@@ -85,6 +86,7 @@ __all__ = [
     "decode",
     "encode",
     "ensure_private_dir",
+    "frame_from",
     "frame_head",
     "metric_dir_parts",
     "parse_counter_name",

@@ -356,6 +356,13 @@ def unpack_stored(record: bytes) -> Any:
     return _unpackb(record, ext_hook=ext_to_list)
 
 
+def frame_from(values: Any, *, internal: bool = False) -> Frame:
+    """Validate and build a frame from its unpacked values (``unpack_stored``), as ``decode`` does."""
+    frame = _check(values, internal, True)
+    assert frame is not None
+    return frame
+
+
 def validate(data: bytes) -> None:
     """Check one wire frame exactly as ``decode`` does, without building it."""
     _parse(data, False, False)

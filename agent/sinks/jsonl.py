@@ -14,9 +14,9 @@ Invariants
   or all at once when more than ``max_open_rows`` are open. Settling a row also settles every
   open row of its topic with a smaller timestamp, so late rows are rare.
 - Open rows are not copied into LMDB: each commit records, per topic, the timestamps of its
-  open rows and the WAL seq of the first entry of each (``t:`` keys), and the lowest such seq
-  (``w``). Garbage collection keeps WAL records from ``w`` on, and recovery rebuilds the open
-  rows by re-reading the track entries between ``w`` and the cursor that belong to them.
+  open rows and the WAL seqs of the entries merged into each (``t:`` keys). Garbage collection
+  keeps WAL records from the lowest of those seqs on, and recovery rebuilds the open rows by
+  re-reading exactly those records.
 - ``experiment.json``, ``parameters.json``, ``metadata.json`` and ``.log_sequence`` are derived
   from the committed state and replaced atomically after each commit and on recovery.
 - A run closes when every producer attached to it has closed or died. Its final state is
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from dashcar.proto import Kind, Meta, ProducerGone, ProtocolError, decode, run_dir, unpack_stored
+from dashcar.proto import Kind, Meta, ProducerGone, ProtocolError, frame_from, run_dir, unpack_stored
 
 from .. import merge
 from ..errors import SinkRetryable
@@ -303,7 +303,7 @@ class JsonlSink:
                 if f[1] == _TRACK:
                     self._apply(Kind.TRACK, f[2], f[3], f[4], f[5], f[6], f[7], wseq, b)
                     continue
-                frame = decode(raw, internal=True)
+                frame = frame_from(f, internal=True)
             except (ProtocolError, ValueError, TypeError, IndexError) as exc:
                 log.error("wal_seq=%d undecodable record skipped: %s", wseq, exc)
                 self._count(None, "corrupt")

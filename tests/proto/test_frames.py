@@ -184,3 +184,9 @@ def test_producer_gone_records_of_the_older_two_field_form_still_decode() -> Non
     assert record.endswith(new_payload)
     legacy = record[: -len(new_payload)] + msgpack.packb([5, 6])
     assert decode(legacy, internal=True).payload == ProducerGone(5, 6, 0)
+
+
+@pytest.mark.parametrize(("kind", "payload"), PAYLOADS, ids=[f"{k.name}-{i}" for i, (k, _) in enumerate(PAYLOADS)])
+def test_a_stored_record_builds_the_same_frame_as_decode(kind: Kind, payload: object) -> None:
+    raw = encode(Frame(kind, 0x1234, 4321, ROOT, PREFIX, 7, payload))  # type: ignore[arg-type]
+    assert proto.frame_from(proto.unpack_stored(raw)) == decode(raw)
