@@ -100,6 +100,12 @@ def main() -> None:
             costs, _ = run(which, env, args.calls, kill_after_1s=False)
             _, on_disk = run(which, env, args.calls, kill_after_1s=True)
             result[which] = {"paced": percentiles(costs), "rows_on_disk_after_sigkill_at_1s": on_disk}
+            if which != "ml_dash" and on_disk == 0:
+                st = agent.status()
+                result[which]["agent_when_nothing_landed"] = {
+                    "frames": st["frames"], "sink": st["sink"], "ingest_restarts": st["ingest_restarts"],
+                    "log_tail": (agent.base / "agent.log").read_text(errors="replace")[-3000:],
+                }
     emit("peer", {**result, "calls": args.calls})
 
 
