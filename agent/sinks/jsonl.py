@@ -194,11 +194,21 @@ class JsonlSink:
                 os.fsync(f.fileno())
         elif size < fs["size"]:
             log.error("file=%s shrank behind the agent (size=%d, committed=%d); reloading its state", path, size, fs["size"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             self.files[path] = self._load_file(path, fs["kind"], fs.get("topic"), fs.get("name"), fs["run"])
 
     def _apply_redo(self, path: str, pos: int, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        """Rewrite a file's tail from ``pos``; a file removed or cut short behind the agent is left
+        to recovery's shrink check instead of being padded with a hole."""
         try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            log.error("file=%s vanished before its tail rewrite; left to recovery", path)
+            return
+        try:
+            if os.fstat(fd).st_size < pos:
+                log.error("file=%s is shorter than its tail rewrite at %d; left to recovery", path, pos)
+                return
             os.ftruncate(fd, pos)
             layout.pwrite_all(fd, data, pos)
             os.fsync(fd)

@@ -80,10 +80,23 @@ def log_line(seq: int, t: float, level: str, message: str, metadata: dict[str, A
     return dumps(entry) + "\n"
 
 
+def _open_creating(path: str, flags: int) -> int:
+    """``os.open`` with ``O_CREAT``; a directory removed behind the agent is made again.
+
+    Only for whole files (locks, atomic replacements): an append at an offset into a file
+    that vanished would leave a hole, so appends fail instead and recovery reloads the file.
+    """
+    try:
+        return os.open(path, flags | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags | os.O_CREAT, 0o644)
+
+
 @contextlib.contextmanager
 def locked(lock_path: str) -> Iterator[None]:
     """Hold ML-Dash's ``flock`` on ``lock_path`` (created if missing) for the block."""
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _open_creating(lock_path, os.O_WRONLY | os.O_APPEND)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -94,7 +107,7 @@ def locked(lock_path: str) -> Iterator[None]:
 def write_atomic(path: str, text: str, *, durable: bool = False) -> None:
     """Replace ``path`` with ``text`` via a temporary file and ``rename``; readers never see half."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(_open_creating(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as f:
         f.write(text)
         if durable:
             f.flush()

@@ -200,3 +200,33 @@ def test_ingest_process_killed_alone_is_replaced_and_losses_are_counted(agent: A
     counters = read_json(run / "experiment.json")["dashcar"]["counters"]
     lost = counters.get("missing", 0) + counters.get("dropped_by_producer", 0)
     assert len(rows) + len(points) + 2 + lost == 20_000 + 2_000 + 2, "every frame is on disk or counted as lost"
+
+
+def test_a_run_directory_removed_behind_the_agent_stalls_nothing(agent: AgentHandle) -> None:
+    """Someone deletes a live run's directory: the agent writes that run's later rows into a new
+    directory and every other run keeps landing (before, the sink retried the missing file forever)."""
+    import shutil
+
+    import dashcar
+
+    gone = dashcar.Experiment(prefix="lab/rm/gone", dash_root=agent.data_dir).start()
+    other = dashcar.Experiment(prefix="lab/rm/other", dash_root=agent.data_dir).start()
+    for i in range(100):
+        gone.tracks("t").append(i=i, _ts=float(i))
+        gone.metrics("m").log(i=i)
+    assert gone.flush()
+    shutil.rmtree(gone.run_dir)
+    for i in range(100, 150):
+        gone.tracks("t").append(i=i, _ts=float(i))
+    gone.tracks("t").append(late=1, _ts=10.0)
+    gone.metrics("m").log(i=100)
+    other.tracks("t").append(i=1, _ts=1.0)
+    assert other.flush(20) and gone.flush(20)
+    assert read_jsonl(other.run_dir / "tracks" / "t" / "data.jsonl") == [{"timestamp": 1.0, "i": 1}]
+    rows = read_jsonl(gone.run_dir / "tracks" / "t" / "data.jsonl")
+    assert [r["timestamp"] for r in rows] == [10.0, *[float(i) for i in range(100, 150)]]
+    assert [p["data"]["i"] for p in read_jsonl(gone.run_dir / "metrics" / "m" / "data.jsonl")] == [100]
+    gone.complete()
+    other.complete()
+    assert (read_json(gone.run_dir / "experiment.json") or {}).get("status") == "completed"
+    wait_until(lambda: agent.status()["sink"]["error"] is None, 10, "sink healthy")
