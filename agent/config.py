@@ -27,13 +27,24 @@ class AgentConfig:
     max_open_rows: int = 20_000
     ingest_batch: int = 4096
     group_commit_s: float = 0.02
-    sink_batch: int = 8192
+    core_batch: int = 8192
     rcvhwm: int = 1024
     watch_interval_s: float = 0.25
     shutdown_timeout_s: float = 10.0
     nice: int = 0
     sink_nice: int = 10
     log_level: str = "INFO"
+    sinks: str = "jsonl"
+    """Comma-separated sink names (``dashcar.agent.sinks.REGISTRY``) or ``module:Class`` specs."""
+
+    def sink_specs(self) -> list[str]:
+        """The sinks to run, in order, each once."""
+        specs: list[str] = []
+        for spec in self.sinks.split(","):
+            spec = spec.strip()
+            if spec and spec not in specs:
+                specs.append(spec)
+        return specs
 
 
 TUNABLES = [f for f in dataclasses.fields(AgentConfig) if f.name not in ("runtime_dir", "state_dir")]

@@ -1,17 +1,17 @@
 """The control socket: ping, status, flush barriers and stop, over a local ROUTER.
 
-Requests and replies are msgpack maps. ``wait`` answers once the sink has written and
-committed the producer's flush frame ``(sid, seq)``; each waiter parks on a worker thread,
-so a slow barrier never holds up status or other barriers.
+Requests and replies are msgpack maps. ``wait`` answers once every local sink has written
+and committed the producer's flush frame ``(sid, seq)``; ``flush`` settles every open row
+and answers once the local sinks (with ``remote``: every sink) have it. Each waiter parks on
+a worker thread, so a slow barrier never holds up status or other barriers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgpack
@@ -21,20 +21,44 @@ from anyio.abc import TaskStatus
 
 from dashcar.proto import CONTROL_SOCKET, PROTOCOL_VERSION
 
-from .sinks.jsonl import JsonlSink
-
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_BYTES = 1 << 16
 
-async def serve(
-    runtime_dir: Path,
-    sink: JsonlSink,
-    status: Callable[[], dict[str, Any]],
-    request_stop: Callable[[], None],
-    request_flush: Callable[[float], bool],
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+
+class Controlled(Protocol):
+    """What the control socket asks of the agent."""
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``dashcar status`` shows."""
+
+    def request_stop(self) -> None:
+        """Drain and stop."""
+
+    def request_flush(self, timeout_s: float, *, remote: bool = False) -> bool:
+        """Settle and write every open row; True once done within the timeout."""
+
+    def wait_flushed(self, sid: int, seq: int, timeout_s: float) -> bool:
+        """True once producer ``sid``'s barrier ``seq`` is written locally."""
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """A request map with a string ``op``, or None if it is not one."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        return None
+    try:
+        msg = msgpack.unpackb(raw)
+    except Exception:
+        return None
+    return msg if isinstance(msg, dict) and isinstance(msg.get("op"), str) else None
+
+
+def _number(msg: dict[str, Any], key: str, default: float) -> float:
+    value = msg.get(key, default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+async def serve(runtime_dir: Path, agent: Controlled, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """Answer control requests until cancelled."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -51,11 +75,11 @@ async def serve(
         await sock.send_multipart([ident, msgpack.packb(body)])
 
     async def wait(ident: bytes, sid: int, seq: int, timeout_s: float) -> None:
-        ok = await anyio.to_thread.run_sync(sink.wait_flushed, sid, seq, timeout_s, limiter=waiters)
+        ok = await anyio.to_thread.run_sync(agent.wait_flushed, sid, seq, timeout_s, limiter=waiters)
         await reply(ident, {"ok": ok})
 
-    async def flush_all(ident: bytes, timeout_s: float) -> None:
-        ok = await anyio.to_thread.run_sync(request_flush, timeout_s, limiter=waiters)
+    async def flush(ident: bytes, timeout_s: float, remote: bool) -> None:
+        ok = await anyio.to_thread.run_sync(lambda: agent.request_flush(timeout_s, remote=remote), limiter=waiters)
         await reply(ident, {"ok": ok})
 
     try:
@@ -66,25 +90,26 @@ async def serve(
                 if len(parts) != 2:
                     continue
                 ident, raw = parts
-                try:
-                    msg = msgpack.unpackb(raw) if len(raw) <= 1 << 16 else None
-                    op = msg["op"]
-                    if op == "wait":
-                        args = (int(msg["sid"]), int(msg["seq"]), float(msg.get("timeout_s", 5.0)))
-                except Exception:
+                msg = _parse(raw)
+                if msg is None:
                     await reply(ident, {"ok": False, "error": "malformed request"})
                     continue
+                op = msg["op"]
                 if op == "ping":
                     await reply(ident, {"ok": True, "pid": os.getpid(), "version": PROTOCOL_VERSION})
                 elif op == "status":
-                    await reply(ident, {"ok": True, **status()})
+                    await reply(ident, {"ok": True, **agent.status()})
                 elif op == "wait":
-                    tg.start_soon(wait, ident, *args)
+                    sid, seq = msg.get("sid"), msg.get("seq")
+                    if type(sid) is not int or type(seq) is not int:
+                        await reply(ident, {"ok": False, "error": "wait needs int sid and seq"})
+                        continue
+                    tg.start_soon(wait, ident, sid, seq, _number(msg, "timeout_s", 5.0))
                 elif op == "flush":
-                    tg.start_soon(flush_all, ident, float(msg.get("timeout_s", 10.0)) if isinstance(msg.get("timeout_s", 0), (int, float)) else 10.0)
+                    tg.start_soon(flush, ident, _number(msg, "timeout_s", 10.0), bool(msg.get("remote", False)))
                 elif op == "stop":
                     await reply(ident, {"ok": True})
-                    request_stop()
+                    agent.request_stop()
                 else:
                     await reply(ident, {"ok": False, "error": f"unknown op {op!r}"})
     finally:

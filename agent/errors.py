@@ -22,8 +22,15 @@ class SinkError(DashcarError):
 
 
 class SinkRetryable(SinkError):
-    """The batch may succeed later (disk full, network down); the shipper backs off and retries."""
+    """The batch may succeed later (disk full, network down); the runner backs off and retries.
+
+    ``retry_after_s`` is the least wait the other side asked for (HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SinkRejected(SinkError):
-    """The batch can never succeed; it is dead-lettered and the shipper moves on."""
+    """The batch can never succeed; it is dead-lettered and the runner moves on."""

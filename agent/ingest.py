@@ -1,7 +1,11 @@
-"""Ingest: PULL socket → validate → one WAL transaction per drained batch, in its own process.
+"""Ingest: PULL socket → one WAL record per message → one WAL transaction per drained batch.
 
-A message holds one frame, or several from a coalescing producer; either way each frame is
-validated and becomes one WAL record, so nothing downstream knows the difference.
+A message holds one frame, or an array of frames from a coalescing producer; it is stored
+as it came, as one record. Ingest checks only what it must to store and count it: its size
+and, from its first bytes, that it is a v1 message and how many frames it holds
+(``proto.frame_count``). Every other check (promise 7) happens in the core, before a frame
+can touch the book, a file or another run; ingest's cost per message stays a few
+microseconds whatever the message holds.
 
 The receive path runs in a child process (``python -m dashcar.agent.ingest``) so that it has
 an interpreter lock of its own: in one process it shared the lock with the sink, which keeps
@@ -11,14 +15,16 @@ garbage-collects) and a ``SOCK_SEQPACKET`` socketpair carrying small msgpack mes
 
 - child → agent ``stored``: the counters and the last WAL seq after each committed batch
   (the agent's sink wakes on it); ``ready`` once the PULL socket is bound;
-- agent → child ``internal``: frames the agent made itself (a producer ended), stored only
-  once the socket was seen empty, so every frame the dead producer sent lands before the news
-  of its death; ``stop``: drain what is queued, store it, and exit.
+- agent → child ``internal``: records the agent made itself (a producer ended; marked so no
+  wire message can pass for one), stored only once the socket was seen empty, so every frame
+  the dead producer sent lands before the news of its death; ``stop``: drain what is queued,
+  store it, and exit.
 
 The child dies with the agent (``PR_SET_PDEATHSIG``; on other systems, at the socketpair's
 end of file), ignores SIGINT and SIGTERM (the agent orders the drain), and the agent starts
-a new child if one dies on its own. Invalid frames are counted by reason and never stored; a
-full or failing WAL drops the batch and counts it; the loop keeps serving.
+a new child if one dies on its own. A message that is no v1 message is counted by reason and
+never stored; a full or failing WAL drops the batch and counts its frames; the loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import lmdb
 import msgpack
 import zmq
 
-from dashcar.proto import INGEST_SOCKET, Kind, ProtocolError, split_message
+from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, FrameTooLarge, Kind, frame_count, refusal_reason
+
+from . import logs
 
 from .config import AgentConfig
 from .errors import WALError
@@ -58,7 +66,8 @@ RESTART_BACKOFF_S: Final = (0.2, 5.0)
 _PR_SET_PDEATHSIG: Final = 1
 
 _BARRIER_KINDS = (bytes([Kind.FLUSH]), bytes([Kind.RUN_CLOSE]))
-"""Byte 2 of a v1 frame is its kind; a flush or close commits its batch without waiting."""
+"""Byte 2 of a single v1 frame is its kind; a flush or close commits its batch without waiting
+(they are never coalesced)."""
 
 
 def tune_gc() -> None:
@@ -149,12 +158,12 @@ class Ingest:
                     self._collect(sock)
                 elif self.internal:
                     self._emptied = True
-                    self._store([])
+                    self._store([], 0)
             while self._collect(sock, linger=False):
                 pass
             if self.internal:
                 self._emptied = True
-                self._store([])
+                self._store([], 0)
         finally:
             sock.close(linger=0)
             ctx.term()
@@ -188,37 +197,36 @@ class Ingest:
             return 0
         self._emptied = emptied
         good: list[bytes] = []
-        rejected = 0
+        frames = refused = 0
         for raw in raws:
-            try:
-                frames = split_message(raw)
-            except ProtocolError as exc:
-                reason = exc.reason
-                self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
-                rejected += 1
-                self._warn("reject:" + reason, "frame rejected reason=%s detail=%s", reason, exc)
+            n = frame_count(raw) if len(raw) <= MAX_FRAME_BYTES else 0
+            if n:
+                good.append(raw)
+                frames += n
                 continue
-            good += frames
+            reason = FrameTooLarge.reason if len(raw) > MAX_FRAME_BYTES else refusal_reason(raw)
+            self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
+            refused += 1
+            self._warn("reject:" + reason, "message refused reason=%s bytes=%d", reason, len(raw))
         self.counters["messages"] += len(raws)
-        self.counters["received"] += len(good) + rejected
-        self.counters["rejected"] += rejected
-        self._store(good)
+        self.counters["received"] += frames + refused
+        self.counters["rejected"] += refused
+        self._store(good, frames)
         return len(raws)
 
-    def _store(self, good: list[bytes]) -> None:
-        wire = len(good)
+    def _store(self, good: list[bytes], frames: int) -> None:
         if self._emptied and self.internal:
             good.extend(self.internal)
             self.internal.clear()
-        self.counters["stored"] += wire
+        self.counters["stored"] += frames
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
         try:
             self.wal.append(good, meta)
         except (WALError, lmdb.Error) as exc:
-            self.counters["stored"] -= wire
-            self.counters["dropped_wal"] += wire
+            self.counters["stored"] -= frames
+            self.counters["dropped_wal"] += frames
             self.wal_error = str(exc)
-            self._warn("wal", "WAL append failed, %d frames dropped (total %d): %s", len(good), self.counters["dropped_wal"], exc)
+            self._warn("wal", "WAL append failed, %d frames dropped (total %d): %s", frames, self.counters["dropped_wal"], exc)
         else:
             self.wal_error = None
         self._report()
@@ -242,7 +250,7 @@ class IngestProcess:
         self._stopping = False
 
     def send_internal(self, frame: bytes) -> None:
-        """Have the child store an agent-made frame (kept and re-sent if the child is restarting)."""
+        """Have the child store an agent-made record (kept and re-sent if the child is restarting)."""
         with self._lock:
             self._pending.append(frame)
             self._send_pending()
@@ -349,9 +357,7 @@ def child_main(argv: list[str]) -> int:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .main import setup_logging
-
-    setup_logging(raw["log_level"])
+    logs.setup(raw["log_level"])
     chan = socket.socket(fileno=fd)
     wal = Wal(Path(raw["wal"]), raw["wal_max_bytes"], raw["wal_sync"], state=False)
     tune_gc()

@@ -16,6 +16,8 @@ from typing import Final
 
 from dashcar.proto import AGENT_LOCK, ConfigError, ensure_private_dir
 
+from . import logs
+
 OK: Final = 0
 STARTUP_FAILURE: Final = 3
 ALREADY_RUNNING: Final = 4
@@ -64,12 +66,6 @@ def _take_lock(runtime_dir: str) -> bool:
     return True
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr; without timestamps under systemd, whose journal adds its own."""
-    fmt = "%(levelname)s %(name)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s %(message)s"
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the agent; returns a process exit code."""
     from . import config
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _take_lock(str(cfg.runtime_dir)):
         print(f"dashcar agent: another agent already serves {cfg.runtime_dir}", file=sys.stderr)
         return ALREADY_RUNNING
-    setup_logging(cfg.log_level)
+    logs.setup(cfg.log_level)
     if cfg.nice:
         os.nice(cfg.nice)
     import anyio

@@ -11,6 +11,7 @@ Invariants (checked by property tests)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -62,3 +63,109 @@ def merge_rows(rows: Iterable[tuple[float, Mapping[str, Any]]]) -> tuple[list[tu
         else:
             clashes += merge_into(row, fields)
     return sorted(merged.items(), key=lambda item: item[0]), clashes
+
+
+class Row:
+    """An open track row: merged fields of every entry seen so far at one timestamp."""
+
+    __slots__ = ("fields", "opened", "wseqs")
+
+    def __init__(self, fields: dict[str, Any], opened: float, wseq: int) -> None:
+        self.fields = fields
+        self.opened = opened
+        self.wseqs = [wseq]
+        """WAL records holding the entries merged into the row; recovery re-reads exactly these."""
+
+
+TopicKey = tuple[str, str]
+
+
+class OpenRows:
+    """Track rows that have not settled yet, per ``(run, topic)``, keyed by timestamp.
+
+    Settling rules (DESIGN §3): a row settles once it has been open ``window_s``; a run's rows
+    settle at once on a barrier, a close or a producer's death; everything settles when more
+    than ``max_rows`` are open. Settling a timestamp also settles every open row of its topic
+    with a smaller one, so a topic's file grows in order and late rows stay rare.
+    """
+
+    def __init__(self, window_s: float, max_rows: int) -> None:
+        self.window_s = window_s
+        self.max_rows = max_rows
+        self.topics: dict[TopicKey, dict[float, Row]] = {}
+        self.count = 0
+
+    def add(self, key: TopicKey, entries: Iterable[tuple[float, dict[str, Any], int]], now: float) -> int:
+        """Merge ``(ts, flat fields, wseq)`` entries into the topic's open rows; returns clashes.
+
+        A new row takes ``fields`` as it is (the caller hands over a dict it no longer uses).
+        """
+        rows = self.topics.get(key)
+        if rows is None:
+            rows = self.topics[key] = {}
+        clashes = 0
+        before = len(rows)
+        for ts, fields, wseq in entries:
+            row = rows.get(ts)
+            if row is None:
+                rows[ts] = Row(fields, now, wseq)
+            else:
+                if row.wseqs[-1] != wseq:
+                    row.wseqs.append(wseq)
+                clashes += merge_into(row.fields, fields)
+        self.count += len(rows) - before
+        return clashes
+
+    def has_run(self, run: str) -> bool:
+        """True if any row of ``run`` is open."""
+        return any(k[0] == run for k in self.topics)
+
+    def due(self, now: float, settle_runs: set[str], settle_all: bool) -> list[tuple[TopicKey, float]]:
+        """``(topic, settle up to this ts)`` for every topic with rows to settle now."""
+        everything = settle_all or self.count > self.max_rows
+        deadline = now - self.window_s
+        out: list[tuple[TopicKey, float]] = []
+        for key, rows in self.topics.items():
+            if everything or key[0] in settle_runs:
+                out.append((key, math.inf))
+                continue
+            upto = None
+            for ts, row in rows.items():
+                if row.opened > deadline:
+                    break
+                if upto is None or ts > upto:
+                    upto = ts
+            if upto is not None:
+                out.append((key, upto))
+        return out
+
+    def settle(self, key: TopicKey, upto: float) -> list[list[Any]]:
+        """Remove and return the topic's rows at or below ``upto`` as sorted ``[ts, fields]``."""
+        rows = self.topics[key]
+        if upto == math.inf:
+            done = sorted(rows.items())
+            rows.clear()
+        else:
+            stamps = sorted(ts for ts in rows if ts <= upto)
+            done = [(ts, rows.pop(ts)) for ts in stamps]
+        if not rows:
+            del self.topics[key]
+        self.count -= len(done)
+        return [[ts, row.fields] for ts, row in done]
+
+    def refs(self, key: TopicKey) -> list[Any] | None:
+        """What a commit stores of a topic's open rows: their stamps and WAL seqs (None: none open)."""
+        rows = self.topics.get(key)
+        if not rows:
+            return None
+        return [list(rows), [r.wseqs for r in rows.values()]]
+
+    def min_wseq(self) -> int | None:
+        """The oldest WAL record an open row still needs."""
+        low = None
+        for rows in self.topics.values():
+            for row in rows.values():
+                w = row.wseqs[0]
+                if low is None or w < low:
+                    low = w
+        return low

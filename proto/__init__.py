@@ -32,7 +32,12 @@ from ._frames import decode as decode
 from ._frames import encode as encode
 from ._frames import frame_from as frame_from
 from ._frames import frame_head as frame_head
-from ._frames import split_message as split_message
+from ._frames import check_record as check_record
+from ._frames import coalesce as coalesce
+from ._frames import decode_message as decode_message
+from ._frames import frame_count as frame_count
+from ._frames import internal_record as internal_record
+from ._frames import refusal_reason as refusal_reason
 from ._frames import unpack_stored as unpack_stored
 from ._frames import validate as validate
 from ._names import check_prefix as check_prefix
@@ -81,18 +86,23 @@ __all__ = [
     "Track",
     "UnsupportedVersion",
     "check_prefix",
+    "check_record",
+    "coalesce",
     "check_root",
     "counter_path",
     "decode",
+    "decode_message",
     "encode",
     "ensure_private_dir",
+    "frame_count",
     "frame_from",
     "frame_head",
+    "internal_record",
     "metric_dir_parts",
     "parse_counter_name",
+    "refusal_reason",
     "run_dir",
     "runtime_dir",
-    "split_message",
     "unpack_stored",
     "NDARRAY_MIN_SIZE",
     "ndarray_ext",

@@ -368,36 +368,73 @@ def validate(data: bytes) -> None:
     _parse(data, False, False)
 
 
-def split_message(data: bytes) -> list[bytes]:
-    """The validated frames one wire message holds (the ingest path).
+INTERNAL_MARK: Final = b"\xc1"
+"""First byte of a WAL record the agent made itself. msgpack never uses 0xc1, so no wire
+message can pass for an internal record."""
 
-    A message is one frame, or several packed back to back by a producer that coalesces
-    (each frame is one self-delimiting msgpack array). A message with any invalid part is
-    refused whole with a ``ProtocolError``.
+_FIXARRAY_8: Final = 0x98
+"""A v1 frame is an array of 8 elements; its second byte is the version."""
+
+
+def frame_count(message: bytes) -> int:
+    """Frames a wire message holds, read from its first bytes; 0 if it is no v1 message.
+
+    A message is one frame (``[version, kind, ...]``) or, from a coalescing producer, an array
+    of frames (``[[version, ...], [version, ...]]``); the two differ in their second byte. This
+    is what ingest checks before storing; everything else is checked by ``check_record`` before
+    the frames can touch a file.
     """
-    try:
-        raw = _unpack(data, check_ext, coalesced=True)
-    except msgpack.ExtraData:
-        return _split(data)
-    _check(raw, False, False)
-    return [data]
+    if len(message) < 2:
+        return 0
+    b0, b1 = message[0], message[1]
+    if b0 == _FIXARRAY_8:
+        return 1 if b1 == PROTOCOL_VERSION else (8 if b1 == _FIXARRAY_8 else 0)
+    if 0x91 <= b0 <= 0x9F and b1 == _FIXARRAY_8:
+        return b0 & 0x0F
+    if b0 == 0xDC and len(message) > 3 and message[3] == _FIXARRAY_8:
+        return int.from_bytes(message[1:3], "big")
+    return 0
 
 
-def _split(data: bytes) -> list[bytes]:
-    unpacker = msgpack.Unpacker(max_buffer_size=len(data), ext_hook=check_ext, **_LIMITS)
-    unpacker.feed(data)
-    frames: list[bytes] = []
-    start = 0
-    try:
-        for raw in unpacker:
-            end = unpacker.tell()
-            _check(raw, False, False)
-            frames.append(data[start:end])
-            start = end
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"not a msgpack frame: {exc}") from exc
-    if start != len(data):
-        raise DecodeError("message ends inside a frame")
-    return frames
+def refusal_reason(message: bytes) -> str:
+    """Why ``frame_count`` refused a message: another protocol version, or not a frame at all."""
+    if len(message) >= 2 and message[0] == _FIXARRAY_8 and message[1] not in (PROTOCOL_VERSION, _FIXARRAY_8):
+        return UnsupportedVersion.reason
+    return DecodeError.reason
+
+
+def coalesce(frames: list[bytes]) -> bytes:
+    """One wire message holding several packed frames (an msgpack array of them)."""
+    n = len(frames)
+    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return head + b"".join(frames)
+
+
+def check_record(record: bytes) -> list[list[Any]]:
+    """The frames of a stored record, validated exactly as ``decode`` does, as value lists.
+
+    Numpy arrays come back as lists. A coalesced message with any invalid frame is refused
+    whole with a ``ProtocolError``; internal kinds pass only in records the agent made.
+    """
+    internal = record[:1] == INTERNAL_MARK
+    raw = _unpack(record[1:] if internal else record, ext_to_list)
+    if type(raw) is list and raw and type(raw[0]) is list:
+        if internal:
+            raise DecodeError("an internal record holds one frame")
+        for values in raw:
+            _check(values, False, False)
+        return raw
+    _check(raw, internal, False)
+    return [raw]
+
+
+def decode_message(message: bytes) -> list[Frame]:
+    """Every frame of a wire message, decoded and validated (one or a coalesced group)."""
+    if message[:1] == INTERNAL_MARK:
+        raise DecodeError("an internal record is not a wire message")
+    return [frame_from(values) for values in check_record(message)]
+
+
+def internal_record(frame: Frame) -> bytes:
+    """The WAL record of a frame the agent made itself."""
+    return INTERNAL_MARK + encode(frame)

@@ -183,11 +183,11 @@ class Producer:
             return self.seq
         pack = self._packer.pack
         seq = self.seq
-        parts: list[bytes] = []
+        n = len(buf)
+        parts: list[bytes] = [bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")]
         for head, body in buf:
             seq += 1
             parts += (head, pack(seq), body)
-        n = len(buf)
         buf.clear()
         self._buf_bytes = 0
         return self._hand_over(b"".join(parts), seq, n, wait_s)

@@ -147,34 +147,46 @@ def _wire(i: int, kind: Kind = Kind.TRACK, payload: object = None) -> bytes:
     return encode(Frame(kind, 0x1234, 4321, ROOT, PREFIX, i, payload or Track("a/b", float(i), {"i": i})))  # type: ignore[arg-type]
 
 
-def test_a_coalesced_message_splits_into_its_frames() -> None:
-    frames = [_wire(i) for i in range(1, 6)]
-    assert proto.split_message(b"".join(frames)) == frames
-    assert proto.split_message(frames[0]) == [frames[0]]
+def test_a_coalesced_message_holds_its_frames() -> None:
+    frames = [_wire(i) for i in range(1, 18)]
+    for n in (1, 2, 8, 15, 16, 17):
+        message = proto.coalesce(frames[:n])
+        assert proto.frame_count(message) == n
+        assert proto.decode_message(message) == [decode(f) for f in frames[:n]]
+    assert proto.frame_count(frames[0]) == 1
+    assert proto.decode_message(frames[0]) == [decode(frames[0])]
 
 
 def test_a_coalesced_message_with_one_bad_part_is_refused_whole() -> None:
     good = [_wire(1), _wire(2)]
-    with pytest.raises(DecodeError, match="ends inside a frame"):
-        proto.split_message(b"".join(good) + good[0][:10])
+    with pytest.raises(DecodeError):
+        proto.check_record(proto.coalesce(good)[:-3])
+    with pytest.raises(DecodeError, match="after the frame"):
+        proto.check_record(b"".join(good))
     with pytest.raises(InvalidName):
-        proto.split_message(good[0] + encode(Frame(Kind.TRACK, 1, 2, ROOT, "../escape", 3, Track("t", 1.0, {}))))
+        proto.check_record(proto.coalesce([good[0], encode(Frame(Kind.TRACK, 1, 2, ROOT, "../escape", 3, Track("t", 1.0, {})))]))
     with pytest.raises(DecodeError, match="reserved"):
-        proto.split_message(good[0] + encode(Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 3, ProducerGone(1, 2))))
+        proto.check_record(proto.coalesce([good[0], encode(Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 3, ProducerGone(1, 2)))]))
+
+
+def test_only_the_agent_makes_internal_records() -> None:
+    gone = Frame(Kind.PRODUCER_GONE, 1, 2, ROOT, PREFIX, 3, ProducerGone(1, 2))
+    assert proto.check_record(proto.internal_record(gone))[0][1] == Kind.PRODUCER_GONE
+    assert proto.frame_count(proto.internal_record(gone)) == 0, "ingest refuses a wire message that looks internal"
+    with pytest.raises(DecodeError, match="reserved"):
+        proto.check_record(encode(gone))
 
 
 @settings(max_examples=300, deadline=None)
 @given(parts=st.lists(st.binary(max_size=64), max_size=4), cut=st.integers(0, 400))
-def test_split_of_arbitrary_bytes_raises_only_protocol_error(parts: list[bytes], cut: int) -> None:
-    data = b"".join(p for pair in zip([_wire(1)] * len(parts), parts) for p in pair)
-    for message in (data, data[:cut]):
+def test_checking_arbitrary_bytes_raises_only_protocol_error(parts: list[bytes], cut: int) -> None:
+    data = proto.coalesce([_wire(1)] * len(parts)) + b"".join(parts)
+    for message in (data, data[:cut], b"\xc1" + data[:cut]):
         try:
-            frames = proto.split_message(message)
+            frames = proto.check_record(message)
         except ProtocolError:
             continue
-        assert b"".join(frames) == message
-        for f in frames:
-            decode(f)
+        assert frames and all(f[0] == proto.PROTOCOL_VERSION for f in frames)
 
 
 def test_producer_gone_records_of_the_older_two_field_form_still_decode() -> None:

@@ -33,7 +33,7 @@ def test_arrays_decode_to_what_tolist_gives(dtype: str, shape: tuple[int, ...]) 
     data = frame_with(array)
     if array.size >= proto.NDARRAY_MIN_SIZE:
         assert len(data) < 200 + array.nbytes, "sent as bytes, not as a list"
-    proto.split_message(data)
+    proto.check_record(data)
     assert decode(data).payload.fields["v"] == array.tolist()  # type: ignore[union-attr]
 
 
@@ -60,7 +60,7 @@ def forged(value: object) -> bytes:
 
 def test_a_real_array_passes_where_the_forgeries_fail() -> None:
     ext = proto.ndarray_ext(np.arange(40.0))
-    proto.split_message(forged(ext))
+    proto.check_record(forged(ext))
     assert decode(forged(ext)).payload.fields["v"] == list(np.arange(40.0))  # type: ignore[union-attr]
 
 
@@ -79,6 +79,6 @@ def test_a_real_array_passes_where_the_forgeries_fail() -> None:
 def test_forged_array_extensions_are_refused(ext: msgpack.ExtType) -> None:
     data = forged(ext)
     with pytest.raises(DecodeError):
-        proto.split_message(data)
+        proto.check_record(data)
     with pytest.raises(DecodeError):
         decode(data)

@@ -1,0 +1,523 @@
+"""The core: WAL records → checked frames → run book and merge → the settled stream, once.
+
+Invariants
+- Every frame is checked (``proto.check_record``: promise 7) before it can touch the book,
+  a file or another run; a record with a bad frame is refused whole, counted by reason.
+- One ``step`` reads a batch of records after ``cursor``, applies them in order, settles
+  what is due (``merge.OpenRows``), and commits in one WAL transaction (``Wal.commit_core``):
+  the stream batch it produced (``stream``), its new state (cursor, stream seq, counters,
+  runs and producers it touched, and per topic the timestamps of its open rows with the WAL
+  records that hold their entries), and the deletion of every record no open row needs and
+  every stream batch all sinks passed. A crash before that commit leaves no trace of the step.
+- Open rows are not copied anywhere: recovery re-reads exactly the records their ``t:``
+  entries name and merges those entries again; batches written past the committed stream
+  seq are deleted.
+- Track entries are grouped per topic within a step; metric points per series and log lines
+  per run get their indexes here, in arrival order, so every sink numbers them alike.
+- A run closes in the book when its producers have; once none of its rows is open, its final
+  ``RunItem`` goes out and the run leaves memory. Its state stays stored (``r:``), so a run
+  reopened later continues its indexes; the newest ``MAX_CLOSED_RUNS`` are kept. A run the
+  core never met is seeded from its local files, if any (a run ML-Dash or an older agent wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+from dashcar.proto import Kind, ProtocolError, check_record, frame_count, run_dir
+
+from . import layout, merge
+from .book import Book, Producer, Run, iso
+from .stream import (
+    Batch,
+    FlushedItem,
+    Item,
+    ItemKind,
+    LogsItem,
+    MetaItem,
+    ParamsItem,
+    PointsItem,
+    RowsItem,
+    RunItem,
+    Summary,
+    summary,
+    unpack,
+)
+from .errors import WALFull
+from .wal import CORE_SHARE, Wal, key
+
+log = logging.getLogger(__name__)
+
+MAX_CLOSED_RUNS: Final = 10_000
+RECENT_BATCHES: Final = 4
+RECENT_BYTES: Final = 4 << 20
+"""Stream batches kept decoded in memory (at most this many, of this packed size together), so
+sinks that keep up never unpack them; decoded, a batch takes several times its packed size."""
+WARN_INTERVAL_S: Final = 10.0
+
+_TRACK: Final = int(Kind.TRACK)
+_METRIC: Final = int(Kind.METRIC)
+_LOG: Final = int(Kind.LOG)
+_PARAMS: Final = int(Kind.PARAMS)
+_META: Final = int(Kind.META)
+_RUN_OPEN: Final = int(Kind.RUN_OPEN)
+_FLUSH: Final = int(Kind.FLUSH)
+_RUN_CLOSE: Final = int(Kind.RUN_CLOSE)
+_GONE: Final = int(Kind.PRODUCER_GONE)
+
+
+def _topic_key(run: str, topic: str) -> bytes:
+    return b"t:" + run.encode() + b"\0" + topic.encode()
+
+
+class _Step:
+    """What one step gathered, by kind, before it becomes stream items."""
+
+    __slots__ = ("tracks", "points", "logs", "params", "metas", "opens", "acks", "frames", "runs", "data", "topics")
+
+    def __init__(self) -> None:
+        self.tracks: dict[tuple[str, str], list[tuple[float, dict[str, Any], int]] | None] = {}
+        self.points: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
+        self.logs: dict[str, list[list[Any]]] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+        self.metas: list[MetaItem] = []
+        self.opens: set[str] = set()
+        self.acks: dict[int, int] = {}
+        self.frames = 0
+        self.runs: dict[str, int] = {}
+        """Frames per run, control frames included (for per-run loss accounting downstream)."""
+        self.data: dict[str, int] = {}
+        """Data frames per run (the run's ``frames`` counter)."""
+        self.topics: set[tuple[str, str]] = set()
+
+
+class Core:
+    """Turns the WAL into the settled stream; see the module docstring."""
+
+    def __init__(
+        self,
+        wal: Wal,
+        *,
+        merge_window_s: float = 1.0,
+        max_open_rows: int = 20_000,
+        batch_records: int = 8192,
+        batch_bytes: int = 8 << 20,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sinks_passed: Callable[[], int] | None = None,
+    ) -> None:
+        self.wal = wal
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.clock = clock
+        self.wall = wall
+        self.sinks_passed = sinks_passed
+        self.book = Book(self._load_run, self._count_series, wall)
+        self.rows = merge.OpenRows(merge_window_s, max_open_rows)
+        self.cursor = 0
+        self.out_seq = 0
+        self.rejected_by: dict[str, int] = {}
+        self.closed_order = 0
+        self.total_frames = 0
+        """Frames in every stream batch made so far (with ``total_bytes``: their packed size)."""
+        self.total_bytes = 0
+        self.recent: OrderedDict[int, Batch] = OrderedDict()
+        self._recent_bytes = 0
+        self.cond = threading.Condition()
+        """Notified with every new stream batch."""
+        self.recovered = False
+        self.full = False
+        self._paths: dict[tuple[str, str], str] = {}
+        self._warned: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- recovery
+    def recover(self) -> None:
+        """Load the committed state, drop stream batches past it, rebuild the open rows."""
+        self.recovered = False
+        wal = self.wal
+        self.cursor = int(wal.core_get(b"cursor", 0))
+        self.out_seq = int(wal.core_get(b"out", 0))
+        self.closed_order = int(wal.core_get(b"closed", 0))
+        self.total_frames, self.total_bytes = wal.core_get(b"totals", [0, 0])
+        dropped = wal.truncate_out(self.out_seq)
+        if dropped:
+            log.info("dropped %d stream batches written after the last core commit", dropped)
+        self.recent.clear()
+        self._recent_bytes = 0
+        book = Book(self._load_run, self._count_series, self.wall)
+        book.counters = dict(wal.core_get(b"counters", {}))
+        self.rejected_by = dict(wal.core_get(b"rejected", {}))
+        book.producers = {int.from_bytes(k[2:], "big"): Producer.from_state(v) for k, v in wal.core_items(b"p:")}
+        refs = wal.core_items(b"t:")
+        needed = {k[2:].decode().split("\0", 1)[0] for k, _ in refs}
+        for k, v in wal.core_items(b"r:"):
+            path = k[2:].decode()
+            if v["status"] == "running" or path in needed:
+                book.runs[path] = Run.from_state(path, v)
+        self.book = book
+        self.rows = merge.OpenRows(self.rows.window_s, self.rows.max_rows)
+        self._replay_open_rows(refs)
+        self.recovered = True
+
+    def _replay_open_rows(self, refs: list[tuple[bytes, Any]]) -> None:
+        """Merge again the entries of every open row, from exactly the records that hold them."""
+        owner: dict[int, set[tuple[str, str, float]]] = {}
+        for k, (stamps, wseqs) in refs:
+            run, topic = k[2:].decode().split("\0", 1)
+            for ts, seqs in zip(stamps, wseqs):
+                for wseq in seqs:
+                    owner.setdefault(wseq, set()).add((run, topic, ts))
+        now = self.clock()
+        for wseq, raw in self.wal.get_records(sorted(owner)):
+            wanted = owner.pop(wseq)
+            try:
+                frames = check_record(raw)
+            except ProtocolError:
+                continue
+            for f in frames:
+                if f[1] != _TRACK:
+                    continue
+                topic, ts, fields = f[7]
+                ts = float(ts)
+                path = run_dir(f[4], f[5])
+                if (path, topic, ts) in wanted:
+                    self.rows.add((path, topic), [(ts, merge.flatten(fields), wseq)], now)
+        if owner:
+            log.error("%d WAL records of open track rows are gone; those entries are lost", len(owner))
+            self.book.count(None, "corrupt", len(owner))
+
+    # -------------------------------------------------------------------- runs
+    def _load_run(self, root: str, prefix: str, path: str) -> Run:
+        stored = self.wal.core_get(b"r:" + path.encode())
+        if stored is not None:
+            run = Run.from_state(path, stored)
+            run.producers = {}
+            return run
+        seed = layout.read_run(path)
+        return Run(
+            path, root, prefix, info=seed.info, created_at=seed.created_at or iso(self.wall()), counters=seed.counters,
+            params=seed.params, params_version=seed.params_version, params_created=seed.params_created,
+            log_seq=seed.log_seq,
+        )
+
+    def _count_series(self, run: Run, folder: str, name: str | None) -> int:
+        return layout.count_lines(os.path.join(layout.series_dir(run.path, folder, name), "data.jsonl"))[0]
+
+    def _run_path(self, root: str, prefix: str) -> str:
+        path = self._paths.get((root, prefix))
+        if path is None:
+            path = run_dir(root, prefix)
+            if len(self._paths) < 65_536:
+                self._paths[(root, prefix)] = path
+        return path
+
+    def _warn(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_INTERVAL_S) >= WARN_INTERVAL_S:
+            self._warned[key] = now
+            log.warning(msg, *args)
+
+    # --------------------------------------------------------------------- step
+    def step(self, *, settle_all: bool = False) -> Batch | None:
+        """Process one batch of records and what is due; the stream batch made, if any.
+
+        Returns None, with nothing committed, when there was nothing to do or the WAL is too
+        full for another stream batch (``full`` is then set; sinks must catch up first).
+        """
+        if not self.recovered:
+            self.recover()
+        room = int(self.wal.max_bytes * CORE_SHARE) - self.wal.used_bytes()
+        if room <= 0:
+            self.full = True
+            self._collect_garbage()
+            return None
+        self.full = False
+        records = self.wal.read(self.cursor, self.batch_records, min(self.batch_bytes, room // 4))
+        s = _Step()
+        for wseq, raw in records:
+            try:
+                frames = check_record(raw)
+            except ProtocolError as exc:
+                n = frame_count(raw) or 1
+                self.rejected_by[exc.reason] = self.rejected_by.get(exc.reason, 0) + n
+                self.book.count(None, "rejected", n)
+                s.frames += n
+                self._warn("reject:" + exc.reason, "wal_seq=%d frame rejected reason=%s detail=%s", wseq, exc.reason, exc)
+                continue
+            for f in frames:
+                self._apply(f, wseq, s)
+        if records:
+            self.cursor = records[-1][0]
+        book = self.book
+        now = self.clock()
+        for tkey, entries in s.tracks.items():
+            if entries:
+                clashes = self.rows.add(tkey, entries, now)
+                if clashes:
+                    book.count(book.runs[tkey[0]], "clashes", clashes)
+        rows_items = self._settle(s, settle_all)
+        if not records and not rows_items and not s.acks and not book.dirty_runs:
+            return None
+        return self._emit(s, rows_items)
+
+    def _apply(self, f: list[Any], wseq: int, s: _Step) -> None:
+        """Apply one checked frame ``[v, kind, sid, pid, root, prefix, seq, payload]``."""
+        _, kind, sid, pid, root, prefix, seq, p = f
+        book = self.book
+        producer = book.producers.get(sid)
+        if producer is None:
+            producer = book.producer(sid, pid)
+        else:
+            book.dirty_producers.add(sid)
+        s.frames += 1
+        if kind == _GONE:
+            book.producer_gone(sid, *p) if len(p) == 3 else book.producer_gone(sid, p[0], p[1], 0)
+            return
+        path = self._paths.get((root, prefix)) or self._run_path(root, prefix)
+        s.runs[path] = s.runs.get(path, 0) + 1
+        if kind == _FLUSH or kind == _RUN_CLOSE:
+            known = book.runs.get(path)
+            if not book.admit(producer, seq, known):
+                return
+            book.count(known, "control_frames")
+            if kind == _FLUSH:
+                book.flush(producer, known, p[0])
+                s.acks[sid] = seq
+            else:
+                book.close_run(sid, producer, known, p[0], p[1], p[2])
+            return
+        run = book.runs.get(path)
+        if run is None:
+            run = book.run(root, prefix, path)
+        else:
+            book.dirty_runs.add(path)
+        if not book.admit(producer, seq, run):
+            return
+        book.attach(producer, sid, run)
+        s.data[path] = s.data.get(path, 0) + 1
+        if kind == _TRACK:
+            topic, ts, fields = p
+            tkey = (path, topic)
+            entries = s.tracks.get(tkey, False)
+            if entries is False:
+                entries = s.tracks[tkey] = [] if book.topic_allowed(run, topic) else None
+            elif entries is None:
+                book.count(run, "rejected_topic_collision")
+            if entries is not None:
+                entries.append((ts if type(ts) is float else float(ts), merge.flatten(fields), wseq))
+        elif kind == _METRIC:
+            name, points, folder = p
+            s.points.setdefault((path, folder, name), []).extend(points)
+        elif kind == _LOG:
+            s.logs.setdefault(path, []).append([p[2], p[1], p[0], p[3]])
+        elif kind == _PARAMS:
+            changed = book.set_params(run, p)
+            s.params.setdefault(path, {}).update(changed)
+        elif kind == _META:
+            target, name, info = p
+            if target == "track" and not book.topic_allowed(run, name):
+                return
+            s.metas.append(MetaItem(ItemKind.META, path, target, name, info))
+        elif kind == _RUN_OPEN:
+            book.open_run(sid, run, p)
+            s.opens.add(path)
+
+    def _settle(self, s: _Step, settle_all: bool) -> list[RowsItem]:
+        """Settle every due topic; the rows items, in topic order."""
+        book = self.book
+        items: list[RowsItem] = []
+        for tkey, upto in self.rows.due(self.clock(), book.settle, settle_all):
+            rows = self.rows.settle(tkey, upto)
+            s.topics.add(tkey)
+            if not rows:
+                continue
+            path, topic = tkey
+            run = book.runs[path]
+            last = run.topics.get(topic)
+            late = last is not None and rows[0][0] <= last
+            if last is None or rows[-1][0] > last:
+                run.topics[topic] = rows[-1][0]
+            book.count(run, "rows", len(rows))
+            items.append(RowsItem(ItemKind.ROWS, path, topic, rows, late))
+        s.topics.update(s.tracks)
+        book.settle.clear()
+        return items
+
+    def _emit(self, s: _Step, rows_items: list[RowsItem]) -> Batch | None:
+        """Build the step's stream batch and commit it with the state behind it."""
+        book = self.book
+        items: list[Item] = []
+        body: list[Item] = []
+        for path, changed in s.params.items():
+            run = book.runs[path]
+            body.append(ParamsItem(ItemKind.PARAMS, path, run.params_version, dict(run.params), run.params_created, changed))
+        body.extend(s.metas)
+        for (path, folder, name), points in s.points.items():
+            run = book.runs[path]
+            first = book.next_indexes(run, folder, name, len(points))
+            book.count(run, "points", len(points))
+            body.append(PointsItem(ItemKind.POINTS, path, folder, name, first, points))
+        for path, entries in s.logs.items():
+            run = book.runs[path]
+            first = book.next_log_seqs(run, len(entries))
+            book.count(run, "logs", len(entries))
+            body.append(LogsItem(ItemKind.LOGS, path, first, entries))
+        for path, n in s.data.items():
+            book.count(book.runs[path], "frames", n)
+        final: list[str] = []
+        for path in sorted(book.dirty_runs):
+            run = book.runs.get(path)
+            if run is None:
+                continue
+            done = book.closed(run, self.rows.has_run(path))
+            if done:
+                final.append(path)
+                log.info("run=%s closed status=%s", path, run.status)
+            items.append(RunItem(
+                ItemKind.RUN, path, run.root, run.prefix, run.info, run.created_at, run.status, run.reason, run.closed_at,
+                dict(run.counters), done,
+            ))
+        items.extend(body)
+        items.extend(rows_items)
+        items.extend(FlushedItem(ItemKind.FLUSHED, sid, seq) for sid, seq in s.acks.items())
+        self.out_seq += 1
+        batch = Batch(self.out_seq, self.wall(), s.frames, self.total_frames, self.total_bytes, s.runs, items, 0)
+        packed = batch.pack()
+        batch = batch._replace(size=len(packed))
+        self.total_frames += s.frames
+        self.total_bytes += len(packed)
+        try:
+            self._commit((self.out_seq, packed), s, final)
+        except WALFull:
+            # No room for this step: forget it (it is done again later), make room, and wait
+            # for the sinks; the state in memory goes back to the committed one first.
+            log.warning("WAL full: the core waits for its sinks (stream batch %d is done again later)", self.out_seq)
+            self.recover()
+            self.full = True
+            self._collect_garbage()
+            return None
+        book.forget_runs(final)
+        self._remember(batch)
+        return batch
+
+    def _commit(self, batch: tuple[int, bytes] | None, s: _Step, final: list[str]) -> None:
+        book = self.book
+        puts: dict[bytes, object] = {
+            b"cursor": self.cursor, b"out": self.out_seq, b"counters": book.counters, b"rejected": self.rejected_by,
+            b"totals": [self.total_frames, self.total_bytes],
+        }
+        deletes: set[bytes] = set()
+        for path in book.dirty_runs:
+            run = book.runs.get(path)
+            if run is not None:
+                puts[b"r:" + path.encode()] = run.to_state()
+        for path in final:
+            self.closed_order += 1
+            puts[b"z:" + key(self.closed_order)] = path
+            old = self.closed_order - MAX_CLOSED_RUNS
+            if old > 0:
+                deletes.add(b"z:" + key(old))
+        puts[b"closed"] = self.closed_order
+        for sid in book.dirty_producers:
+            p = book.producers.get(sid)
+            if p is not None:
+                puts[b"p:" + sid.to_bytes(8, "big")] = p.to_state()
+        for sid in book.forgotten_producers:
+            deletes.add(b"p:" + sid.to_bytes(8, "big"))
+        for tkey in s.topics:
+            refs = self.rows.refs(tkey)
+            if refs is None:
+                deletes.add(_topic_key(*tkey))
+            else:
+                puts[_topic_key(*tkey)] = refs
+        evicted = self._evicted_runs(deletes)
+        deletes.update(b"r:" + p.encode() for p in evicted)
+        self.wal.commit_core(batch, puts, deletes, wal_upto=self._wal_upto(), out_upto=self._out_upto())
+        book.dirty_runs.clear()
+        book.dirty_producers.clear()
+        book.forgotten_producers.clear()
+
+    def _evicted_runs(self, deletes: set[bytes]) -> list[str]:
+        """Closed runs past the newest ``MAX_CLOSED_RUNS`` whose ``z:`` entry goes now."""
+        out: list[str] = []
+        for k in deletes:
+            if k.startswith(b"z:"):
+                path = self.wal.core_get(k)
+                if isinstance(path, str) and path not in self.book.runs:
+                    out.append(path)
+        return out
+
+    def _out_upto(self) -> int:
+        return self.out_seq if self.sinks_passed is None else min(self.out_seq, self.sinks_passed())
+
+    def _wal_upto(self) -> int:
+        """The last WAL record the state in memory no longer needs."""
+        low = self.rows.min_wseq()
+        return self.cursor if low is None else min(self.cursor, low - 1)
+
+    def _collect_garbage(self) -> None:
+        """Drop what the committed state no longer needs, alone in a transaction: room for the next step.
+
+        Only called while the state in memory is the committed one (before a step, or after
+        ``recover``)."""
+        self.wal.commit_core(None, {}, [], wal_upto=self._wal_upto(), out_upto=self._out_upto())
+
+    def _remember(self, batch: Batch) -> None:
+        with self.cond:
+            self.recent[batch.seq] = batch
+            self._recent_bytes += batch.size
+            while len(self.recent) > RECENT_BATCHES or (len(self.recent) > 1 and self._recent_bytes > RECENT_BYTES):
+                self._recent_bytes -= self.recent.popitem(last=False)[1].size
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------------ readers
+    def batches(self, after: int, limit: int) -> list[Batch]:
+        """Stream batches after ``after`` (at most ``limit``), from memory when still there."""
+        out: list[Batch] = []
+        seq = after + 1
+        while len(out) < limit and seq <= self.out_seq:
+            b = self.recent.get(seq)
+            if b is None:
+                break
+            out.append(b)
+            seq += 1
+        if len(out) < limit and seq <= self.out_seq:
+            for s, raw in self.wal.read_out(seq - 1, limit - len(out)):
+                hit = self.recent.get(s)
+                out.append(hit if hit is not None else unpack(s, raw))
+        return out
+
+    def summaries(self, after: int, limit: int) -> list[Summary]:
+        """Heads of the stream batches after ``after``, without decoding their items."""
+        out: list[Summary] = []
+        for seq, raw in self.wal.read_out(after, limit):
+            b = self.recent.get(seq)
+            out.append(Summary(*b[:6], b.size) if b is not None else summary(seq, raw))
+        return out
+
+    def open_rows(self) -> int:
+        """Track rows waiting to settle."""
+        return self.rows.count
+
+    def status(self) -> dict[str, Any]:
+        """The core's figures for ``dashcar status``."""
+        book = self.book
+        return {
+            "cursor": self.cursor,
+            "stream_seq": self.out_seq,
+            "open_rows": self.rows.count,
+            "full": self.full,
+            "counters": dict(book.counters),
+            "rejected_by": dict(self.rejected_by),
+            "runs": {
+                p: {"status": r.status, "producers": {str(k): v for k, v in r.producers.items()}, "counters": dict(r.counters)}
+                for p, r in book.runs.items()
+            },
+        }
+

@@ -1,0 +1,276 @@
+"""The one loop that drives every sink: stream cursor → send → commit | back off | dead-letter.
+
+Each sink runs on its own thread. The runner keeps the sink's cursor (the last stream batch
+it committed) and its totals in the sink's namespace of the state environment, and commits
+them in the same transaction as the state the sink staged while sending, so a crash between
+``send`` and the commit only repeats ``send`` after ``open`` repaired what it left.
+
+- ``SinkRetryable`` (or any unexpected error): nothing is committed, the sink is reopened and
+  the same batches are sent again after ``backoff(attempt)`` (exponential with jitter, at
+  least what the other side asked for in ``retry_after_s``); status shows the error and when
+  the next attempt is due.
+- ``SinkRejected``, or items ``send`` returns as refused: they are written to the sink's
+  dead-letter file (``<state_dir>/deadletter/<sink>.jsonl``, one JSON line each with the
+  reason) and counted per run, and the cursor moves on.
+- ``skip_to``: when the WAL nears its cap, the agent asks a sink whose ``when_full`` is
+  ``skip`` to jump ahead; what it skipped is counted per run and stays in its state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from ..core import Core
+from ..errors import SinkRejected, SinkRetryable
+from ..stream import Batch, Item, ItemKind
+from ..wal import SinkState, Wal
+from . import Rejected, Sink
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_S: Final = 0.05
+BACKOFF_CAP_S: Final = 30.0
+BATCHES_PER_SEND: Final = 8
+IDLE_WAIT_S: Final = 0.5
+_FLUSHED: Final = int(ItemKind.FLUSHED)
+
+
+def backoff(attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S, rand: float | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: doubling from ``base_s`` up to ``cap_s``, with jitter.
+
+    The jitter (a factor in [0.5, 1]) keeps many agents behind one server from retrying in step.
+    """
+    r = random.random() if rand is None else rand
+    return float(min(cap_s, base_s * 2 ** min(attempt, 30)) * (0.5 + r / 2))
+
+
+def _run_of(item: Item) -> str | None:
+    return getattr(item, "run", None)
+
+
+class Runner:
+    """Drives one sink on its own thread."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        core: Core,
+        wal: Wal,
+        state_dir: Path,
+        *,
+        on_progress: Callable[[], None] = lambda: None,
+        prepare_thread: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.core = core
+        self.state: SinkState = wal.state(sink.name)
+        self.deadletter_path = state_dir / "deadletter" / f"{sink.name}.jsonl"
+        self.on_progress = on_progress
+        self.prepare_thread = prepare_thread
+        self.cond = threading.Condition()
+        """Notified on every commit (cursor, flush acks)."""
+        self.stopping = threading.Event()
+        self.cursor = 0
+        self.passed_frames = 0
+        self.passed_bytes = 0
+        self.counters: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+        self.dead_letters: dict[str, int] = {}
+        self.flushed: dict[int, int] = {}
+        self.error: str | None = None
+        self.attempt = 0
+        self.retry_at: float | None = None
+        self._skip_to = 0
+        self._opened = False
+        self._load()
+
+    def _load(self) -> None:
+        st = self.state
+        self.cursor = int(st.get(b"cursor", 0))
+        self.passed_frames, self.passed_bytes = st.get(b"passed", [0, 0])
+        self.counters = dict(st.get(b"counters", {}))
+        self.skipped = dict(st.get(b"skipped", {}))
+        self.dead_letters = dict(st.get(b"dead", {}))
+
+    # ------------------------------------------------------------------- thread
+    def run(self) -> None:
+        """Follow the stream until ``stop``; returns once caught up with the core after the stop."""
+        self.prepare_thread()
+        while True:
+            if self.stopping.is_set() and not self.sink.barrier:
+                return
+            if self.retry_at is not None:
+                self.stopping.wait(max(0.0, self.retry_at - time.time()))
+            if self.step():
+                continue
+            if self.stopping.is_set() and (self.core.out_seq <= self.cursor or self.error is not None):
+                if self.error is not None:
+                    log.warning("sink=%s stopping with its backlog in the WAL for the next start", self.name)
+                return
+            with self.core.cond:
+                if self.core.out_seq <= self.cursor and not self.stopping.is_set():
+                    self.core.cond.wait(IDLE_WAIT_S)
+
+    def step(self) -> bool:
+        """Open the sink if needed, skip if asked, deliver what the core has made; True if the cursor moved.
+
+        A failure is recorded with the time of the next attempt (``backoff``), which ``run`` waits for.
+        """
+        if not self._opened and not self._open():
+            return False
+        if self._skip_to > self.cursor:
+            self._skip()
+        batches = self.core.batches(self.cursor, BATCHES_PER_SEND)
+        return bool(batches) and self._deliver(batches)
+
+    def stop(self) -> None:
+        """Ask the thread to finish what the core has made and return."""
+        self.stopping.set()
+        with self.core.cond:
+            self.core.cond.notify_all()
+
+    def _open(self) -> bool:
+        try:
+            self.sink.open(self.state)
+        except Exception as exc:
+            self._failed(exc, "open")
+            return False
+        self._opened = True
+        return True
+
+    def _deliver(self, batches: list[Batch]) -> bool:
+        try:
+            refused = self.sink.send(batches, self.state)
+        except SinkRejected as exc:
+            refused = [Rejected(str(exc), [i for b in batches for i in b.items])]
+        except Exception as exc:
+            self.state.discard()
+            self._opened = False
+            self._failed(exc, "send")
+            return False
+        try:
+            if refused:
+                self._dead_letter(batches[-1].seq, refused)
+            last = batches[-1]
+            self._commit(last.seq, last.before_frames + last.frames, last.before_bytes + last.size)
+        except Exception as exc:
+            self.state.discard()
+            self._opened = False
+            self._failed(exc, "commit")
+            return False
+        self.sink.committed(batches)
+        acks = [(i.sid, i.seq) for b in batches for i in b.items if i.kind == _FLUSHED]
+        with self.cond:
+            for sid, seq in acks:
+                if seq > self.flushed.get(sid, 0):
+                    self.flushed[sid] = seq
+            self.cond.notify_all()
+        if self.error is not None:
+            log.info("sink=%s recovered after %d attempts", self.name, self.attempt)
+        self.error, self.attempt, self.retry_at = None, 0, None
+        self.on_progress()
+        return True
+
+    def _commit(self, cursor: int, frames: int, size: int) -> None:
+        self.state.commit({b"cursor": cursor, b"passed": [frames, size], b"counters": self.counters, b"skipped": self.skipped,
+                           b"dead": self.dead_letters})
+        with self.cond:
+            self.cursor, self.passed_frames, self.passed_bytes = cursor, frames, size
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        self.error = f"{what}: {exc}"
+        wait = backoff(self.attempt)
+        if isinstance(exc, SinkRetryable):
+            wait = max(wait, exc.retry_after_s)
+            log.warning("sink=%s %s failed (attempt %d), retrying in %.2fs: %s", self.name, what, self.attempt + 1, wait, exc)
+        else:
+            log.exception("sink=%s %s failed unexpectedly (attempt %d), retrying in %.2fs", self.name, what, self.attempt + 1, wait)
+        self.attempt += 1
+        self.retry_at = time.time() + wait
+
+    def _dead_letter(self, seq: int, refused: list[Rejected]) -> None:
+        self.deadletter_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lines = []
+        for r in refused:
+            for item in r.items:
+                run = _run_of(item) or ""
+                self.dead_letters[run] = self.dead_letters.get(run, 0) + 1
+                self.counters["dead_letters"] = self.counters.get("dead_letters", 0) + 1
+                record = {"time": time.time(), "sink": self.name, "batch": seq, "reason": r.reason, "item": item._asdict()}
+                lines.append(orjson.dumps(record, default=str) + b"\n")
+        fd = os.open(self.deadletter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"".join(lines))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning("sink=%s dead-lettered %d items of batch %d: %s", self.name, len(lines), seq, refused[0].reason)
+
+    # --------------------------------------------------------------------- skip
+    def skip_to(self, seq: int) -> None:
+        """Ask the sink to jump past stream batch ``seq`` (the WAL nears its cap)."""
+        if self.sink.when_full == "skip" and seq > self._skip_to:
+            self._skip_to = seq
+            with self.core.cond:
+                self.core.cond.notify_all()
+
+    def _skip(self) -> None:
+        target = min(self._skip_to, self.core.out_seq)
+        heads = self.core.summaries(self.cursor, target - self.cursor)
+        if not heads:
+            return
+        frames = 0
+        for h in heads:
+            frames += h.frames
+            for run, n in h.runs.items():
+                self.skipped[run] = self.skipped.get(run, 0) + n
+        self.counters["skipped_frames"] = self.counters.get("skipped_frames", 0) + frames
+        last = heads[-1]
+        self._commit(last.seq, last.before_frames + last.frames, last.before_bytes + last.size)
+        self._opened = False
+        log.warning("sink=%s skipped %d frames (%d batches) to keep the WAL under its cap", self.name, frames, len(heads))
+        self.on_progress()
+
+    # ------------------------------------------------------------------ waiting
+    def wait_flushed(self, sid: int, seq: int, timeout_s: float) -> bool:
+        """Block until producer ``sid``'s barrier ``seq`` is committed by this sink."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.flushed.get(sid, 0) >= seq, timeout_s)
+
+    def wait_passed(self, seq: int, timeout_s: float) -> bool:
+        """Block until this sink has committed stream batch ``seq``."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.cursor >= seq, timeout_s)
+
+    # ------------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        """Lag (frames, bytes, age of the oldest unsent batch), last error, retry state, counters."""
+        core = self.core
+        lag_frames = max(0, core.total_frames - self.passed_frames)
+        oldest = None
+        if core.out_seq > self.cursor:
+            heads = core.summaries(self.cursor, 1)
+            oldest = round(max(0.0, time.time() - heads[0].created), 3) if heads else None
+        return {
+            "cursor": self.cursor,
+            "when_full": self.sink.when_full,
+            "lag": {"batches": max(0, core.out_seq - self.cursor), "frames": lag_frames,
+                    "bytes": max(0, core.total_bytes - self.passed_bytes), "oldest_age_s": oldest},
+            "error": self.error,
+            "retry": {"attempt": self.attempt, "next_in_s": round(max(0.0, self.retry_at - time.time()), 3)}
+            if self.retry_at is not None else None,
+            "counters": dict(self.counters),
+            "skipped_by_run": dict(self.skipped),
+            "dead_letters_by_run": dict(self.dead_letters),
+            **self.sink.status(),
+        }

@@ -1,0 +1,169 @@
+"""The settled stream: what the core makes of the WAL, once, for every sink.
+
+A stream batch is what one core step produced from a range of WAL records: the run book's
+changes and the rows that settled, as a list of items in a fixed order
+
+1. ``RunItem`` for every run the step touched (its state at the end of the step; ``final``
+   once the run is closed and nothing of it is left to settle),
+2. ``ParamsItem``, ``MetaItem``, ``PointsItem``, ``LogsItem`` in the order their frames came,
+3. ``RowsItem`` for every topic whose rows settled (sorted by timestamp, one per timestamp;
+   ``late`` when a row's timestamp was settled before: a correction to merge),
+4. ``FlushedItem`` for every producer barrier the step passed.
+
+A batch is packed with msgpack into the WAL's ``out`` database (``pack``/``unpack``); the
+items are named tuples whose first field is their kind, so a packed item is a plain array.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, Union, cast
+
+import msgpack
+
+
+class ItemKind(enum.IntEnum):
+    """Kinds of stream items."""
+
+    RUN = 1
+    PARAMS = 2
+    META = 3
+    POINTS = 4
+    LOGS = 5
+    ROWS = 6
+    FLUSHED = 7
+
+
+class RunItem(NamedTuple):
+    """A run's state: identity, info, status and counters (``final``: closed and all settled)."""
+
+    kind: int
+    run: str
+    root: str
+    prefix: str
+    info: dict[str, Any]
+    created_at: str
+    status: str
+    reason: str | None
+    closed_at: str | None
+    counters: dict[str, int]
+    final: bool
+
+
+class ParamsItem(NamedTuple):
+    """The run's parameters after a change: all of them, flattened, with their version."""
+
+    kind: int
+    run: str
+    version: int
+    data: dict[str, Any]
+    created_at: str | None
+    changed: dict[str, Any]
+
+
+class MetaItem(NamedTuple):
+    """Description, tags or metadata of a metric, series or track."""
+
+    kind: int
+    run: str
+    target: str
+    name: str | None
+    info: dict[str, Any]
+
+
+class PointsItem(NamedTuple):
+    """Points of one index-based series; the first has index ``first_index``, the rest follow."""
+
+    kind: int
+    run: str
+    folder: str
+    name: str | None
+    first_index: int
+    points: list[dict[str, Any]]
+
+
+class LogsItem(NamedTuple):
+    """Log entries ``[time, level, message, metadata]``; the first has ``first_seq``."""
+
+    kind: int
+    run: str
+    first_seq: int
+    entries: list[list[Any]]
+
+
+class RowsItem(NamedTuple):
+    """Settled rows ``[ts, flat fields]`` of one topic, sorted, one per timestamp."""
+
+    kind: int
+    run: str
+    topic: str
+    rows: list[list[Any]]
+    late: bool
+
+
+class FlushedItem(NamedTuple):
+    """Producer ``sid``'s barrier ``seq``: everything it sent before is in this batch or earlier."""
+
+    kind: int
+    sid: int
+    seq: int
+
+
+Item = Union[RunItem, ParamsItem, MetaItem, PointsItem, LogsItem, RowsItem, FlushedItem]
+_TYPES: dict[int, Any] = {
+    ItemKind.RUN: RunItem,
+    ItemKind.PARAMS: ParamsItem,
+    ItemKind.META: MetaItem,
+    ItemKind.POINTS: PointsItem,
+    ItemKind.LOGS: LogsItem,
+    ItemKind.ROWS: RowsItem,
+    ItemKind.FLUSHED: FlushedItem,
+}
+
+
+class Batch(NamedTuple):
+    """One core step's output: ``frames`` WAL frames (``runs``: per run) became ``items``.
+
+    ``before_frames``/``before_bytes`` are the stream's totals before this batch, so a sink's
+    lag is the difference of two totals, however long its backlog.
+    """
+
+    seq: int
+    created: float
+    frames: int
+    before_frames: int
+    before_bytes: int
+    runs: dict[str, int]
+    items: list[Item]
+    size: int
+
+    def pack(self) -> bytes:
+        """The stored form (without ``seq`` and ``size``, which the store knows)."""
+        return cast(bytes, msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.runs, self.items]))
+
+
+def unpack(seq: int, raw: bytes) -> Batch:
+    """A stored batch."""
+    created, frames, before_frames, before_bytes, runs, items = msgpack.unpackb(raw, strict_map_key=False)
+    types = _TYPES
+    return Batch(seq, created, frames, before_frames, before_bytes, runs, [types[i[0]](*i) for i in items], len(raw))
+
+
+class Summary(NamedTuple):
+    """A stored batch's head, read without its items (lag, skipping)."""
+
+    seq: int
+    created: float
+    frames: int
+    before_frames: int
+    before_bytes: int
+    runs: dict[str, int]
+    size: int
+
+
+def summary(seq: int, raw: bytes) -> Summary:
+    """The head of a stored batch; its items are not decoded."""
+    u = msgpack.Unpacker(strict_map_key=False)
+    u.feed(raw)
+    u.read_array_header()
+    return Summary(seq, u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), len(raw))
