@@ -59,11 +59,13 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, sort_keys=True))
         return OK
     fr = st["frames"]
-    lost = sum(fr[k] for k in ("dropped_by_producers", "missing", "rejected", "dropped_disk_full", "lost_in_producer_queue"))
+    losses = ("dropped_by_producers", "missing", "rejected", "dropped_disk_full", "lost_in_producer_queue")
+    lost = sum(fr[k] for k in losses)
     print(f"agent pid {st['pid']} up {st['uptime_s']:.0f}s  runtime {st['runtime_dir']}")
     print(
         f"frames: received {fr['received']}  stored {fr['stored']}  written {fr['written']}  "
-        f"rejected {fr['rejected']}  dropped by producers {fr['dropped_by_producers']}  missing {fr['missing']}  "
+        f"rejected {fr['rejected']}  dropped by producers {fr['dropped_by_producers']}  "
+        f"missing {fr['missing']}  "
         f"lost in producer queues {fr['lost_in_producer_queue']}  "
         f"disk-full {fr['dropped_disk_full']}  clashes {fr['clashes']}"
     )
@@ -99,13 +101,14 @@ def _demo(args: argparse.Namespace) -> int:
         exp.params.set(robot={"name": "sim6", "dof": 6}, control={"rate_hz": rate})
         exp.log("demo started", metadata={"seconds": args.seconds})
         track = exp.tracks("robot/state")
+        tau = [0.1 * j for j in range(6)]
         t0 = time.perf_counter()
         for i in range(n):
             t = i * period
             q = [math.sin(t + j) for j in range(6)]
             qd = [math.cos(t + j) for j in range(6)]
             before = time.perf_counter_ns()
-            track.append(q=q, qd=qd, tau=[0.1 * j for j in range(6)], gripper={"pos": 0.04, "force": 10.0}, _ts=round(t, 6))
+            track.append(q=q, qd=qd, tau=tau, gripper={"pos": 0.04, "force": 10.0}, _ts=round(t, 6))
             costs.append((time.perf_counter_ns() - before) / 1000)
             if i % 100 == 0:
                 exp.metrics("train").log(step=i, loss=1.0 / (1 + i))
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dashcar", description="dashcar: non-blocking experiment logging")
     p.add_argument(
         "--runtime-dir",
-        help="the agent's runtime dir (default: $DASHCAR_RUNTIME_DIR, $XDG_RUNTIME_DIR/dashcar, /tmp/dashcar-UID)",
+        help="the agent's runtime dir (default: $DASHCAR_RUNTIME_DIR, $XDG_RUNTIME_DIR/dashcar, "
+        "/tmp/dashcar-UID)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     # main() hands everything after "agent" to the agent's own parser, --help included.
@@ -144,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=3.0)
     d.add_argument("--rate", type=float, default=1000.0)
     d.add_argument("--dash-root", help="data root (default: the SDK's, ./.dash)")
-    d.add_argument("--prefix", default=f"{os.environ.get('USER') or 'demo'}/dashcar-demo/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    user = os.environ.get("USER") or "demo"
+    d.add_argument("--prefix", default=f"{user}/dashcar-demo/run-{time.strftime('%Y%m%d-%H%M%S')}")
     return p
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import dashcar
 
 OUT = Path(__file__).with_name("api.md")
-ORDER = ["Experiment", "RunContext", "ParamsBuilder", "MetricsManager", "Series", "SummaryCache", "BufferManager",
-         "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "Session"]
+ORDER = [
+    "Experiment", "RunContext", "ParamsBuilder", "MetricsManager", "Series", "SummaryCache", "BufferManager",
+    "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "Session",
+]
 
 
 def _sig(obj: object) -> str:
@@ -43,7 +45,8 @@ def render() -> str:
                 summary = inspect.cleandoc(member.__doc__).split("\n\n")[0].replace("\n", " ")
                 lines.append(f"- **`{attr}{_sig(member)}`**: {summary}")
         lines.append("")
-    lines += ["## Errors", "", "```", inspect.cleandoc(sys.modules["dashcar.proto._errors"].__doc__ or ""), "```", ""]
+    tree = inspect.cleandoc(sys.modules["dashcar.proto._errors"].__doc__ or "")
+    lines += ["## Errors", "", "```", tree, "```", ""]
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Final, NamedTuple, Union
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -133,7 +133,7 @@ class ProducerGone(NamedTuple):
     pending: int = 0
 
 
-Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, Meta, ProducerGone]
+Payload: TypeAlias = RunOpen | Params | Metric | Track | Log | Flush | RunClose | Meta | ProducerGone
 
 
 class Frame(NamedTuple):
@@ -290,7 +290,12 @@ _valid_runs: set[tuple[str, str]] = set()
 """(root, prefix) pairs already found valid (bounded): the names of a run are checked once."""
 
 
-_LIMITS: Final = {"max_bin_len": 0, "max_ext_len": MAX_FRAME_BYTES, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
+_LIMITS: Final = {
+    "max_bin_len": 0,
+    "max_ext_len": MAX_FRAME_BYTES,
+    "max_array_len": MAX_CONTAINER_LEN,
+    "max_map_len": MAX_CONTAINER_LEN,
+}
 
 
 def _unpack(data: bytes, ext_hook: Any, *, coalesced: bool = False) -> Any:

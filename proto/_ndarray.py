@@ -37,7 +37,8 @@ def ndarray_ext(array: Any) -> msgpack.ExtType | None:
     if code is None or not _LITTLE or dtype.byteorder == ">" or not 0 < array.ndim <= MAX_NDIM:
         return None
     shape = array.shape
-    return msgpack.ExtType(NDARRAY_EXT, _HEAD.pack(ord(code), len(shape)) + struct.pack(f"<{len(shape)}I", *shape) + array.tobytes())
+    head = _HEAD.pack(ord(code), len(shape)) + struct.pack(f"<{len(shape)}I", *shape)
+    return msgpack.ExtType(NDARRAY_EXT, head + array.tobytes())
 
 
 def _parse(code: int, data: bytes) -> tuple[str, tuple[int, ...], int]:

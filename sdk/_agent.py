@@ -60,7 +60,9 @@ def ensure_agent(runtime_dir: Path, environ: Mapping[str, str]) -> bool:
             if agent_running(runtime_dir):
                 return True
             time.sleep(0.005)
-        log.warning("dashcar: the agent spawned for %s did not come up within %.0f s", runtime_dir, SPAWN_WAIT_S)
+        log.warning(
+            "dashcar: the agent spawned for %s did not come up within %.0f s", runtime_dir, SPAWN_WAIT_S
+        )
         return False
     finally:
         os.close(fd)

@@ -80,7 +80,9 @@ class RunContext:
     def __enter__(self) -> Experiment:
         return self._exp.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._exp._close_for(ev)
 
 
@@ -119,7 +121,9 @@ class Experiment:
     ) -> None:
         if prefix is None:
             if name is None:
-                raise ValueError("Experiment needs prefix='owner/project/name' or name=... (with project=...)")
+                raise ValueError(
+                    "Experiment needs prefix='owner/project/name' or name=... (with project=...)"
+                )
             owner_project = project if project is not None else f"{_user()}/scratch"
             prefix = f"{owner_project}/{name}"
         self.prefix: str = check_prefix(prefix.strip("/"))
@@ -195,7 +199,9 @@ class Experiment:
         """Close the run as cancelled."""
         self._close("cancelled", None)
 
-    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> Experiment:
+    def log(
+        self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any
+    ) -> Experiment:
         """Write one log line; ``level`` is one of debug, info, warn, error, fatal."""
         _logs.write(self, message, level, metadata, extra)
         return self
@@ -226,7 +232,8 @@ class Experiment:
             if seq == 0:
                 break
             wait_s = max(0.05, min(FLUSH_RESEND_S, deadline - time.monotonic()))
-            reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}, wait_s + 0.5)
+            wait = {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}
+            reply = _agent.request(self._runtime_dir, wait, wait_s + 0.5)
             if reply is not None and reply.get("ok"):
                 return True
         log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)

@@ -29,10 +29,12 @@ def echo(message: str, level: str, metadata: Mapping[str, Any] | None) -> None:
     """Print a log line as ML-Dash does: ``[LEVEL] message [k=v, ...]``, errors to stderr."""
     extra = f" [{', '.join(f'{k}={v}' for k, v in metadata.items())}]" if metadata else ""
     stream = sys.stderr if level in ("error", "fatal") else sys.stdout
-    print(f"[{level.upper()}] {message}{extra}", file=stream)  # noqa: T201
+    print(f"[{level.upper()}] {message}{extra}", file=stream)
 
 
-def write(exp: Experiment, message: str, level: str, metadata: Mapping[str, Any] | None, extra: dict[str, Any]) -> None:
+def write(
+    exp: Experiment, message: str, level: str, metadata: Mapping[str, Any] | None, extra: dict[str, Any]
+) -> None:
     """Validate and send one log line."""
     lvl = check_level(level)
     meta = {**metadata, **extra} if metadata else (extra or None)

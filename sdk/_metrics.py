@@ -115,7 +115,8 @@ class SummaryCache:
 
     def peek(self, *keys: str, limit: int | None = 5) -> dict[str, list[float]]:
         """The last ``limit`` stored values of ``keys`` (all keys if none), without consuming them."""
-        return {k: v[-limit:] if limit else list(v) for k, v in self._buffer.items() if v and (not keys or k in keys)}
+        wanted = [(k, v) for k, v in self._buffer.items() if v and (not keys or k in keys)]
+        return {k: v[-limit:] if limit else list(v) for k, v in wanted}
 
 
 class BufferManager:
@@ -149,7 +150,8 @@ class BufferManager:
                 continue
             for k, v in buffer.items():
                 if v and (not keys or k in keys):
-                    out[k if name is not None else f"{n or '(default)'}/{k}"] = v[-limit:] if limit else list(v)
+                    key = k if name is not None else f"{n or '(default)'}/{k}"
+                    out[key] = v[-limit:] if limit else list(v)
         return out
 
 
@@ -176,7 +178,8 @@ class Series:
     def describe(self, description: str | None = None, tags: list[str] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> None:
         """Set the description, tags and metadata shown in the series' ``metadata.json``."""
-        info = {k: v for k, v in (("description", description), ("tags", tags), ("metadata", metadata)) if v is not None}
+        given = (("description", description), ("tags", tags), ("metadata", metadata))
+        info = {k: v for k, v in given if v is not None}
         if info:
             target = "metric" if self._folder == "metrics" else "series"
             self._exp._emit(Kind.META, (target, self._name, info))
@@ -191,7 +194,8 @@ class Series:
         if self._next_index is None:
             self._exp._barrier()
             try:
-                self._next_index = int(_read.series_stats(self._exp.run_dir, self._folder, self._name)["totalDataPoints"])
+                stats = _read.series_stats(self._exp.run_dir, self._folder, self._name)
+                self._next_index = int(stats["totalDataPoints"])
             except FileNotFoundError:
                 self._next_index = 0
         return self._next_index
@@ -222,7 +226,8 @@ class Series:
             point["_ts"] = now if ts is None else self._exp._resolve_ts(ts)
             batch.append(point)
         self._send(batch)
-        return {"count": len(batch), "startIndex": start, "endIndex": start + len(batch) - 1, "name": self._name}
+        end = start + len(batch) - 1
+        return {"count": len(batch), "startIndex": start, "endIndex": end, "name": self._name}
 
     def buffer(self, **values: Any) -> Series:
         """Buffer values for ``exp.metrics.buffer.log_summary()``."""
@@ -266,8 +271,10 @@ class Series:
 MetricBuilder = Series
 
 
-def series_in(cache: dict[Any, Series], exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None,
-              description: str | None, tags: list[str] | None, metadata: Mapping[str, Any] | None) -> Series:
+def series_in(
+    cache: dict[Any, Series], exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None,
+    description: str | None, tags: list[str] | None, metadata: Mapping[str, Any] | None,
+) -> Series:
     """The cached series ``name`` (created on first use); new description, tags or metadata are sent."""
     s = cache.get(name)
     if s is None:

@@ -16,7 +16,11 @@ def _class_to_dict(value: object) -> object:
     """A config class (``Args`` with class attributes) becomes a dict of its public attributes."""
     if not isinstance(value, type):
         return value
-    return {k: v for k, v in vars(value).items() if not k.startswith("_") and not callable(v) and not isinstance(v, type)}
+    return {
+        k: v
+        for k, v in vars(value).items()
+        if not k.startswith("_") and not callable(v) and not isinstance(v, type)
+    }
 
 
 class ParamsBuilder:

@@ -1,4 +1,7 @@
-"""DreamLake's ``Session``: index-based tracks, parameters and logs under ``<local_path>/<workspace>/<name>``."""
+"""DreamLake's ``Session``: index-based tracks, parameters and logs.
+
+A session's files live under ``<local_path>/<workspace>/<name>``.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +58,9 @@ class Session:
         """An index-based series stored as ``tracks/<name>/data.jsonl``."""
         return series_in(self._tracks, self._exp, name, "tracks", None, description, tags, metadata)
 
-    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> None:
+    def log(
+        self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any
+    ) -> None:
         """Write one log line."""
         self._exp.log(message, level=level, metadata=metadata, **extra)
 
@@ -75,5 +80,7 @@ class Session:
     def __enter__(self) -> Session:
         return self.open()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._exp._close_for(ev)

@@ -51,13 +51,16 @@ class TrackBuilder:
              columns: list[str] | None = None, format: str = "json") -> Any:
         """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``."""
         self._exp._barrier()
-        return _read.read_track(self._exp.run_dir, self._topic, start_timestamp, end_timestamp, columns, format)
+        run = self._exp.run_dir
+        return _read.read_track(run, self._topic, start_timestamp, end_timestamp, columns, format)
 
     def list_entries(self) -> list[dict[str, Any]]:
         """Every row, as dicts with ``timestamp``."""
         return self.read()["entries"]  # type: ignore[no-any-return]
 
-    def slice(self, start_timestamp: float | None = None, end_timestamp: float | None = None) -> _read.TrackSlice:
+    def slice(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None
+    ) -> _read.TrackSlice:
         """Rows of a time range, iterable, with ``findByTime`` (floor match)."""
         return _read.TrackSlice(self.read(start_timestamp, end_timestamp)["entries"])
 
@@ -77,10 +80,13 @@ class TracksManager:
             folder = track_dir_name(topic)
             other = self._dirs.get(folder)
             if other is not None and other != topic:
-                raise ValueError(f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one")
+                raise ValueError(
+                    f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one"
+                )
             self._dirs[folder] = topic
             builder = self._builders[topic] = TrackBuilder(self._exp, topic)
-        info = {k: v for k, v in (("description", description), ("tags", tags), ("metadata", metadata)) if v is not None}
+        given = (("description", description), ("tags", tags), ("metadata", metadata))
+        info = {k: v for k, v in given if v is not None}
         if info:
             self._exp._emit(Kind.META, ("track", topic, info))
         return builder
