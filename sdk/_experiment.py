@@ -32,7 +32,7 @@ log = logging.getLogger("dashcar")
 FLUSH_TIMEOUT_S = 5.0
 FLUSH_RESEND_S = 1.0
 """A barrier not confirmed within this long is sent again (the agent may have restarted)."""
-_MISSING: Any = object()
+_MISSING: object = object()
 
 
 _isfinite = math.isfinite
@@ -40,16 +40,15 @@ _isfinite = math.isfinite
 
 def check_ts(ts: object) -> float:
     """Validate a track timestamp: a finite real number, not a bool; else ``ValueError``."""
-    t = type(ts)
-    if t is float:
-        if math.isfinite(ts):  # type: ignore[arg-type]
-            return ts  # type: ignore[return-value]
-    elif t is int:
-        return float(ts)  # type: ignore[arg-type]
+    if type(ts) is float:
+        if math.isfinite(ts):
+            return ts
+    elif type(ts) is int:
+        return float(ts)
     elif ts is _MISSING:
         raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
-    elif t is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
-        value = float(ts)  # type: ignore[arg-type]
+    elif type(ts) is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
+        value = float(ts)
         if math.isfinite(value):
             return value
     raise ValueError(f"_ts must be a finite number (not bool, NaN or inf), got {ts!r}")
@@ -244,7 +243,7 @@ class Experiment:
         if self._open and self._runtime_dir is not None and _agent.agent_running(self._runtime_dir):
             self.flush()
 
-    def _resolve_ts(self, ts: Any) -> float:
+    def _resolve_ts(self, ts: object) -> float:
         if type(ts) is float and ts != -1.0 and _isfinite(ts):
             self._tls.last_ts = ts
             return ts

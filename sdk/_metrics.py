@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, SupportsFloat, cast
 
 from dashcar.proto import Kind, metric_dir_parts
 
@@ -50,7 +50,7 @@ def _stdev(values: list[float]) -> float:
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-AGGREGATIONS = {
+AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
     "mean": lambda v: math.fsum(v) / len(v),
     "std": _stdev,
     "min": min,
@@ -82,7 +82,7 @@ def _as_float(key: str, value: object) -> float:
     if value is None:
         return math.nan
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(cast("SupportsFloat", value))  # a value float() refuses raises TypeError here
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot aggregate non-numeric {key}={value!r}; use exp.log() for text") from exc
 
@@ -95,12 +95,12 @@ class SummaryCache:
         self._buffer: dict[str, list[float]] = defaultdict(list)
         self._context: dict[str, Any] = {}
 
-    def store(self, **values: Any) -> None:
+    def store(self, **values: object) -> None:
         """Accumulate numeric values (None counts as NaN, which summaries leave out)."""
         for k, v in values.items():
             self._buffer[k].append(_as_float(k, v))
 
-    def set(self, **context: Any) -> None:
+    def set(self, **context: object) -> None:
         """Values logged as they are with the next summary (epoch, lr)."""
         self._context.update(context)
 
@@ -130,7 +130,7 @@ class BufferManager:
         for k, v in values.items():
             self._buffers[name][k].append(_as_float(k, v))
 
-    def log_summary(self, *aggs: str, **context: Any) -> None:
+    def log_summary(self, *aggs: str, **context: object) -> None:
         """Log ``key.agg`` for every buffered metric (default ``mean``), then clear the buffers."""
         aggs = aggs or ("mean",)
         unknown = [a for a in aggs if a not in AGGREGATIONS]
@@ -200,7 +200,7 @@ class Series:
                 self._next_index = 0
         return self._next_index
 
-    def log(self, _ts: Any = None, **fields: Any) -> Series:
+    def log(self, _ts: object = None, **fields: object) -> Series:
         """Append one point; ``_ts`` (default now, ``-1`` reuses the last) is stored inside it."""
         fields["_ts"] = _now() if _ts is None else self._exp._resolve_ts(_ts)
         self._exp._emit(_METRIC, (self._name, [fields], self._folder))
@@ -208,14 +208,14 @@ class Series:
             self._next_index += 1
         return self
 
-    def append(self, **fields: Any) -> dict[str, Any]:
+    def append(self, **fields: object) -> dict[str, Any]:
         """Append one point and return ``{"index": ...}``."""
         start = self._reserve(1)
         ts = fields.pop("_ts", None)
         self.log(_ts=ts, **fields)
         return {"index": start, "name": self._name}
 
-    def append_batch(self, points: list[Mapping[str, Any]]) -> dict[str, Any]:
+    def append_batch(self, points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Append many points at once; returns ``count``, ``startIndex`` and ``endIndex``."""
         start = self._reserve(len(points))
         now = time.time()
@@ -229,7 +229,7 @@ class Series:
         end = start + len(batch) - 1
         return {"count": len(batch), "startIndex": start, "endIndex": end, "name": self._name}
 
-    def buffer(self, **values: Any) -> Series:
+    def buffer(self, **values: object) -> Series:
         """Buffer values for ``exp.metrics.buffer.log_summary()``."""
         if self._manager is None:
             raise TypeError("buffer() belongs to exp.metrics(...) series")
@@ -296,7 +296,7 @@ class MetricsManager:
                  metadata: Mapping[str, Any] | None = None) -> Series:
         return series_in(self._series, self._exp, name, "metrics", self, description, tags, metadata)
 
-    def log(self, _ts: Any = None, _flush: bool = False, **fields: Any) -> MetricsManager:
+    def log(self, _ts: object = None, _flush: bool = False, **fields: object) -> MetricsManager:
         """Scalars go to the unnamed metric; each dict value to its own metric, with the scalars."""
         ts = time.time() if _ts is None else self._exp._resolve_ts(_ts)
         scalars = {k: v for k, v in fields.items() if not isinstance(v, dict)}

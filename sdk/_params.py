@@ -29,7 +29,7 @@ class ParamsBuilder:
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
 
-    def set(self, **params: Any) -> ParamsBuilder:
+    def set(self, **params: object) -> ParamsBuilder:
         """Merge ``params`` into the run's parameters (``vars(args)`` and JSON configs work as is)."""
         if params:
             self._exp._emit(Kind.PARAMS, {k: _class_to_dict(v) for k, v in params.items()})
@@ -37,7 +37,7 @@ class ParamsBuilder:
 
     log = set
 
-    def __call__(self, **params: Any) -> ParamsBuilder:
+    def __call__(self, **params: object) -> ParamsBuilder:
         """``session.params(lr=...)``: the DreamLake spelling of ``set``."""
         return self.set(**params)
 

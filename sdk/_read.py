@@ -213,7 +213,7 @@ def read_track(
     columns: list[str] | None = None,
     format: str = "json",
     meta: dict[str, Any] | None = None,
-) -> Any:
+) -> dict[str, Any] | bytes:
     """A track in one of ``json``, ``jsonl`` (bytes), ``parquet`` (bytes, zstd) or ``mocap``."""
     if format not in TRACK_FORMATS:
         raise ValueError(f"format {format!r} is not one of {', '.join(TRACK_FORMATS)}")
@@ -228,7 +228,9 @@ def read_track(
     if format == "parquet":
         return _to_parquet(entries)
     meta = meta if meta is not None else (_read_json(d / "metadata.json") or {})
-    user_meta = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    user_meta = meta.get("metadata")
+    if not isinstance(user_meta, dict):
+        user_meta = {}
     channels = sorted({k for e in entries for k in e if k != "timestamp"})
     first = entries[0]["timestamp"] if entries else 0
     last = entries[-1]["timestamp"] if entries else 0

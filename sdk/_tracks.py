@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, overload
 
 from dashcar.proto import Kind, track_dir_name
 
@@ -15,7 +15,7 @@ _TRACK: Final = int(Kind.TRACK)
 if TYPE_CHECKING:
     from ._experiment import Experiment
 
-_MISSING: Any = object()
+_MISSING: object = object()
 
 
 class TrackBuilder:
@@ -33,7 +33,7 @@ class TrackBuilder:
         """The topic name, e.g. ``robot/state``."""
         return self._topic
 
-    def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
+    def append(self, _ts: object = _MISSING, **fields: object) -> TrackBuilder:
         """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one)."""
         if "timestamp" in fields:
             raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
@@ -47,16 +47,37 @@ class TrackBuilder:
         self._exp.flush()
         return self
 
-    def read(self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-             columns: list[str] | None = None, format: str = "json") -> Any:
-        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``."""
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: Literal["json", "mocap"] = "json",
+    ) -> dict[str, Any]: ...
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, *, format: Literal["jsonl", "parquet"],
+    ) -> bytes: ...
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: str = "json",
+    ) -> dict[str, Any] | bytes: ...
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: str = "json",
+    ) -> dict[str, Any] | bytes:
+        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``.
+
+        ``json`` and ``mocap`` are dicts; ``jsonl`` and ``parquet`` (zstd) are bytes.
+        """
         self._exp._barrier()
         run = self._exp.run_dir
         return _read.read_track(run, self._topic, start_timestamp, end_timestamp, columns, format)
 
     def list_entries(self) -> list[dict[str, Any]]:
         """Every row, as dicts with ``timestamp``."""
-        return self.read()["entries"]  # type: ignore[no-any-return]
+        entries: list[dict[str, Any]] = self.read()["entries"]
+        return entries
 
     def slice(
         self, start_timestamp: float | None = None, end_timestamp: float | None = None

@@ -42,21 +42,19 @@ from dashcar.proto import (
 
 if TYPE_CHECKING:
     import zmq
+else:
+    zmq = None  # pyzmq, imported when the first transport is made, so ``import dashcar`` stays light
 
 log = logging.getLogger("dashcar")
 
-zmq: Any = None
-"""pyzmq, imported when the first transport is made, so ``import dashcar`` stays light."""
 
-
-def load_zmq() -> Any:
-    """Import pyzmq on first use and return it."""
+def load_zmq() -> None:
+    """Import pyzmq on first use into this module's ``zmq`` (the hot path reads it as a global)."""
     global zmq
     if zmq is None:
         import zmq as module
 
         zmq = module
-    return zmq
 
 SNDHWM_DEFAULT = 100_000
 LINGER_MS_DEFAULT = 1000
