@@ -23,13 +23,13 @@ def test_the_console_script_runs_the_cli() -> None:
 def test_global_runtime_dir_reaches_the_agent_subcommand(dirs: Path) -> None:
     """Regression: ``dashcar --runtime-dir X agent`` failed with a KeyError instead of starting the agent."""
     rt, log = dirs / "rt", dirs / "agent.log"
+    argv = ["--runtime-dir", str(rt), "agent", "--state-dir", str(dirs / "state")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dashcar.cli", "--runtime-dir", str(rt), "agent", "--state-dir", str(dirs / "state")],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            [sys.executable, "-m", "dashcar.cli", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
     try:
-        wait_until(lambda: proc.poll() is not None or _agent.request(rt, {"op": "ping"}, 0.2), 20, "agent ready")
+        wait_until(lambda: proc.poll() is not None or _agent.request(rt, {"op": "ping"}, 0.2), 20, "agent up")
         assert proc.poll() is None, log.read_text()
         assert main(["--runtime-dir", str(rt), "stop"]) == OK
         assert proc.wait(20) == 0
