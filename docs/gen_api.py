@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dashcar
@@ -16,9 +17,9 @@ ORDER = [
 ]
 
 
-def _sig(obj: object) -> str:
+def _sig(obj: Callable[..., object]) -> str:
     try:
-        sig = str(inspect.signature(obj))  # type: ignore[arg-type]
+        sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
     return re.sub(r"<object object at 0x[0-9a-f]+>", "<required>", sig)
