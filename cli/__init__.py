@@ -28,6 +28,7 @@ REPLY_TIMEOUT_S: Final = 2.0
 FLUSH_TIMEOUT_S: Final = 30.0
 """How long ``dashcar flush`` lets the agent write; the reply may take one second more."""
 
+
 def _runtime_dir(args: argparse.Namespace) -> Path:
     """``--runtime-dir``, else the directory the SDK and the agent find by themselves."""
     return Path(args.runtime_dir) if args.runtime_dir else runtime_dir(os.environ)
