@@ -6,7 +6,7 @@ A session's files live under ``<local_path>/<workspace>/<name>``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -75,7 +75,10 @@ class Session:
 
     def close(self, status: str = "completed") -> None:
         """Close the session with ``completed``, ``failed`` or ``cancelled``."""
-        {"completed": self._exp.complete, "failed": self._exp.fail, "cancelled": self._exp.cancel}[status]()
+        closers: dict[str, Callable[[], None]] = {
+            "completed": self._exp.complete, "failed": self._exp.fail, "cancelled": self._exp.cancel,
+        }
+        closers[status]()
 
     def __enter__(self) -> Session:
         return self.open()
