@@ -5,18 +5,21 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dashcar
 
 OUT = Path(__file__).with_name("api.md")
-ORDER = ["Experiment", "RunContext", "ParamsBuilder", "MetricsManager", "Series", "SummaryCache", "BufferManager",
-         "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "Session"]
+ORDER = [
+    "Experiment", "RunContext", "ParamsBuilder", "MetricsManager", "Series", "SummaryCache", "BufferManager",
+    "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "Session",
+]
 
 
-def _sig(obj: object) -> str:
+def _sig(obj: Callable[..., object]) -> str:
     try:
-        sig = str(inspect.signature(obj))  # type: ignore[arg-type]
+        sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
     return re.sub(r"<object object at 0x[0-9a-f]+>", "<required>", sig)
@@ -43,7 +46,8 @@ def render() -> str:
                 summary = inspect.cleandoc(member.__doc__).split("\n\n")[0].replace("\n", " ")
                 lines.append(f"- **`{attr}{_sig(member)}`**: {summary}")
         lines.append("")
-    lines += ["## Errors", "", "```", inspect.cleandoc(sys.modules["dashcar.proto._errors"].__doc__ or ""), "```", ""]
+    tree = inspect.cleandoc(sys.modules["dashcar.proto._errors"].__doc__ or "")
+    lines += ["## Errors", "", "```", tree, "```", ""]
     return "\n".join(lines)
 
 

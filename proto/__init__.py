@@ -41,6 +41,11 @@ from ._frames import refusal_reason as refusal_reason
 from ._frames import unpack_stored as unpack_stored
 from ._frames import validate as validate
 from ._names import check_prefix as check_prefix
+from ._names import check_root as check_root
+from ._names import metric_dir_parts as metric_dir_parts
+from ._names import run_dir as run_dir
+from ._names import split_name as split_name
+from ._names import track_dir_name as track_dir_name
 from ._ndarray import NDARRAY_MIN_SIZE as NDARRAY_MIN_SIZE
 from ._ndarray import ndarray_ext as ndarray_ext
 from ._paths import COUNTER as COUNTER
@@ -50,20 +55,16 @@ from ._paths import ensure_private_dir as ensure_private_dir
 from ._paths import parse_counter_name as parse_counter_name
 from ._paths import runtime_dir as runtime_dir
 from ._paths import state_dir as state_dir
-from ._names import check_root as check_root
-from ._names import metric_dir_parts as metric_dir_parts
-from ._names import run_dir as run_dir
-from ._names import split_name as split_name
-from ._names import track_dir_name as track_dir_name
 
 __all__ = [
-    "COUNTER",
-    "COUNTERS_DIR",
     "AGENT_LOCK",
     "CONTROL_SOCKET",
+    "COUNTER",
+    "COUNTERS_DIR",
     "INGEST_SOCKET",
     "LOG_LEVELS",
     "MAX_FRAME_BYTES",
+    "NDARRAY_MIN_SIZE",
     "PROTOCOL_VERSION",
     "RUN_STATUSES",
     "SPAWN_LOCK",
@@ -87,8 +88,8 @@ __all__ = [
     "UnsupportedVersion",
     "check_prefix",
     "check_record",
-    "coalesce",
     "check_root",
+    "coalesce",
     "counter_path",
     "decode",
     "decode_message",
@@ -99,15 +100,14 @@ __all__ = [
     "frame_head",
     "internal_record",
     "metric_dir_parts",
+    "ndarray_ext",
     "parse_counter_name",
     "refusal_reason",
     "run_dir",
     "runtime_dir",
-    "unpack_stored",
-    "NDARRAY_MIN_SIZE",
-    "ndarray_ext",
     "split_name",
     "state_dir",
     "track_dir_name",
+    "unpack_stored",
     "validate",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Final, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -35,6 +35,15 @@ from ._constants import MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
 from ._errors import DecodeError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from ._names import check_prefix, check_root, metric_dir_parts, track_dir_name
 from ._ndarray import check_ext, ext_to_list
+
+if TYPE_CHECKING:
+    from typing import TypedDict
+
+    class _Limits(TypedDict):
+        max_bin_len: int
+        max_ext_len: int
+        max_array_len: int
+        max_map_len: int
 
 
 class Kind(enum.IntEnum):
@@ -133,7 +142,7 @@ class ProducerGone(NamedTuple):
     pending: int = 0
 
 
-Payload = Union[RunOpen, Params, Metric, Track, Log, Flush, RunClose, Meta, ProducerGone]
+Payload: TypeAlias = RunOpen | Params | Metric | Track | Log | Flush | RunClose | Meta | ProducerGone
 
 
 class Frame(NamedTuple):
@@ -290,7 +299,12 @@ _valid_runs: set[tuple[str, str]] = set()
 """(root, prefix) pairs already found valid (bounded): the names of a run are checked once."""
 
 
-_LIMITS: Final = {"max_bin_len": 0, "max_ext_len": MAX_FRAME_BYTES, "max_array_len": MAX_CONTAINER_LEN, "max_map_len": MAX_CONTAINER_LEN}
+_LIMITS: Final[_Limits] = {
+    "max_bin_len": 0,
+    "max_ext_len": MAX_FRAME_BYTES,
+    "max_array_len": MAX_CONTAINER_LEN,
+    "max_map_len": MAX_CONTAINER_LEN,
+}
 
 
 def _unpack(data: bytes, ext_hook: Any, *, coalesced: bool = False) -> Any:
@@ -313,7 +327,7 @@ def _parse(data: bytes, internal: bool, build: bool) -> Frame | None:
     return _check(_unpack(data, ext_to_list if build else check_ext), internal, build)
 
 
-def _check(raw: Any, internal: bool, build: bool) -> Frame | None:
+def _check(raw: object, internal: bool, build: bool) -> Frame | None:
     if type(raw) is not list or not raw:
         raise DecodeError("frame must be a non-empty msgpack array")
     if raw[0] != PROTOCOL_VERSION:
@@ -338,7 +352,9 @@ def _check(raw: Any, internal: bool, build: bool) -> Frame | None:
     if type(seq) is not int or not 1 <= seq < 2**64:
         raise DecodeError("seq must be an int in [1, 2**64)")
     body = _payload(kind, payload, build)
-    return Frame(kind, sid, pid, root, prefix, seq, body) if build else None  # type: ignore[arg-type]
+    if body is None:  # only when not building
+        return None
+    return Frame(kind, sid, pid, root, prefix, seq, body)
 
 
 def decode(data: bytes, *, internal: bool = False) -> Frame:
@@ -351,12 +367,13 @@ def decode(data: bytes, *, internal: bool = False) -> Frame:
     return frame
 
 
-def unpack_stored(record: bytes) -> Any:
+def unpack_stored(record: bytes) -> list[Any]:
     """Unpack a frame the agent already validated (a WAL record), arrays as lists, without checks."""
-    return _unpackb(record, ext_hook=ext_to_list)
+    values: list[Any] = _unpackb(record, ext_hook=ext_to_list)
+    return values
 
 
-def frame_from(values: Any, *, internal: bool = False) -> Frame:
+def frame_from(values: object, *, internal: bool = False) -> Frame:
     """Validate and build a frame from its unpacked values (``unpack_stored``), as ``decode`` does."""
     frame = _check(values, internal, True)
     assert frame is not None

@@ -38,8 +38,10 @@ def _split(name: str, what: str) -> tuple[str, ...]:
 
 def check_prefix(prefix: object) -> str:
     """Validate a run prefix (``owner/project/.../name``) and return it."""
-    split_name(prefix, "run prefix")
-    return prefix  # type: ignore[return-value]
+    if not isinstance(prefix, str):
+        raise InvalidName(f"run prefix must be a str, got {type(prefix).__name__}")
+    _split(prefix, "run prefix")
+    return prefix
 
 
 def track_dir_name(topic: object) -> str:

@@ -13,43 +13,72 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgpack
 
 from ._errors import DecodeError
 
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _DType(Protocol):
+        @property
+        def kind(self) -> str: ...
+        @property
+        def itemsize(self) -> int: ...
+        @property
+        def byteorder(self) -> str: ...
+
+    class _Array(Protocol):
+        """What ``ndarray_ext`` reads of a numpy array (duck-typed: proto never imports numpy)."""
+
+        @property
+        def dtype(self) -> _DType: ...
+        @property
+        def ndim(self) -> int: ...
+        @property
+        def shape(self) -> tuple[int, ...]: ...
+        def tobytes(self) -> bytes: ...
+
 NDARRAY_EXT: Final = 1
 NDARRAY_MIN_SIZE: Final = 32
 MAX_NDIM: Final = 32
 
-_CODES: Final = {("f", 8): "d", ("f", 4): "f", ("i", 8): "q", ("i", 4): "i", ("i", 2): "h", ("i", 1): "b",
-                 ("u", 8): "Q", ("u", 4): "I", ("u", 2): "H", ("u", 1): "B", ("b", 1): "?"}
-_SIZES: Final = {code: struct.calcsize(code) for code in _CODES.values()}
+_Format = Literal["d", "f", "q", "i", "h", "b", "Q", "I", "H", "B", "?"]
+_CODES: Final[dict[tuple[str, int], _Format]] = {
+    ("f", 8): "d", ("f", 4): "f", ("i", 8): "q", ("i", 4): "i", ("i", 2): "h", ("i", 1): "b",
+    ("u", 8): "Q", ("u", 4): "I", ("u", 2): "H", ("u", 1): "B", ("b", 1): "?",
+}
+_FORMATS: Final[dict[str, tuple[_Format, int]]] = {
+    code: (code, struct.calcsize(code)) for code in _CODES.values()
+}
+"""A format byte's code and item size, for the codes an array may travel as."""
 _HEAD = struct.Struct("<BB")
 _LITTLE = sys.byteorder == "little"
 
 
-def ndarray_ext(array: Any) -> msgpack.ExtType | None:
+def ndarray_ext(array: _Array) -> msgpack.ExtType | None:
     """The wire form of a numpy array, or None where ``tolist()`` is the way (duck-typed: no numpy import)."""
     dtype = array.dtype
     code = _CODES.get((dtype.kind, dtype.itemsize))
     if code is None or not _LITTLE or dtype.byteorder == ">" or not 0 < array.ndim <= MAX_NDIM:
         return None
     shape = array.shape
-    return msgpack.ExtType(NDARRAY_EXT, _HEAD.pack(ord(code), len(shape)) + struct.pack(f"<{len(shape)}I", *shape) + array.tobytes())
+    head = _HEAD.pack(ord(code), len(shape)) + struct.pack(f"<{len(shape)}I", *shape)
+    return msgpack.ExtType(NDARRAY_EXT, head + array.tobytes())
 
 
-def _parse(code: int, data: bytes) -> tuple[str, tuple[int, ...], int]:
+def _parse(code: int, data: bytes) -> tuple[_Format, tuple[int, ...], int]:
     if code != NDARRAY_EXT:
         raise DecodeError(f"unknown extension type {code}")
     if len(data) < _HEAD.size:
         raise DecodeError("array extension shorter than its header")
     fmt, ndim = _HEAD.unpack_from(data)
-    fmt_s = chr(fmt)
-    size = _SIZES.get(fmt_s)
-    if size is None or not 0 < ndim <= MAX_NDIM or len(data) < _HEAD.size + 4 * ndim:
+    known = _FORMATS.get(chr(fmt))
+    if known is None or not 0 < ndim <= MAX_NDIM or len(data) < _HEAD.size + 4 * ndim:
         raise DecodeError("array extension with a bad format or shape")
+    fmt_s, size = known
     shape = struct.unpack_from(f"<{ndim}I", data, _HEAD.size)
     start = _HEAD.size + 4 * ndim
     count = 1
@@ -70,7 +99,7 @@ def ext_to_list(code: int, data: bytes) -> list[Any]:
     fmt, shape, start = _parse(code, data)
     if 0 in shape:
         return _empty(shape)
-    return memoryview(data)[start:].cast(fmt, shape).tolist()  # type: ignore[no-any-return]
+    return memoryview(data)[start:].cast(fmt, shape).tolist()
 
 
 def _empty(shape: tuple[int, ...]) -> list[Any]:

@@ -60,7 +60,9 @@ def ensure_private_dir(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory; remove it or set DASHCAR_RUNTIME_DIR")
     if st.st_uid != os.getuid():
-        raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by you; set DASHCAR_RUNTIME_DIR to a dir of yours")
+        raise ConfigError(
+            f"{path} is owned by uid {st.st_uid}, not by you; set DASHCAR_RUNTIME_DIR to a dir of yours"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path

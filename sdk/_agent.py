@@ -22,8 +22,6 @@ import msgpack
 
 from dashcar.proto import AGENT_LOCK, CONTROL_SOCKET, SPAWN_LOCK, ensure_private_dir, state_dir
 
-from ._transport import load_zmq
-
 log = logging.getLogger("dashcar")
 
 SPAWN_WAIT_S = 10.0
@@ -60,7 +58,9 @@ def ensure_agent(runtime_dir: Path, environ: Mapping[str, str]) -> bool:
             if agent_running(runtime_dir):
                 return True
             time.sleep(0.005)
-        log.warning("dashcar: the agent spawned for %s did not come up within %.0f s", runtime_dir, SPAWN_WAIT_S)
+        log.warning(
+            "dashcar: the agent spawned for %s did not come up within %.0f s", runtime_dir, SPAWN_WAIT_S
+        )
         return False
     finally:
         os.close(fd)
@@ -83,10 +83,11 @@ def _spawn(runtime_dir: Path, environ: Mapping[str, str]) -> None:
         )
 
 
-def request(runtime_dir: Path, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+def request(runtime_dir: Path, message: dict[str, object], timeout_s: float) -> dict[str, Any] | None:
     """One control request; the reply, or None if no agent answered within ``timeout_s``."""
-    zmq = load_zmq()
-    ctx = zmq.Context.instance()
+    import zmq  # here, not at the top: ``import dashcar`` stays light
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:

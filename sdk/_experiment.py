@@ -32,7 +32,7 @@ log = logging.getLogger("dashcar")
 FLUSH_TIMEOUT_S = 5.0
 FLUSH_RESEND_S = 1.0
 """A barrier not confirmed within this long is sent again (the agent may have restarted)."""
-_MISSING: Any = object()
+_MISSING: object = object()
 
 
 _isfinite = math.isfinite
@@ -40,16 +40,15 @@ _isfinite = math.isfinite
 
 def check_ts(ts: object) -> float:
     """Validate a track timestamp: a finite real number, not a bool; else ``ValueError``."""
-    t = type(ts)
-    if t is float:
-        if math.isfinite(ts):  # type: ignore[arg-type]
-            return ts  # type: ignore[return-value]
-    elif t is int:
-        return float(ts)  # type: ignore[arg-type]
+    if type(ts) is float:
+        if math.isfinite(ts):
+            return ts
+    elif type(ts) is int:
+        return float(ts)
     elif ts is _MISSING:
         raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
-    elif t is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
-        value = float(ts)  # type: ignore[arg-type]
+    elif type(ts) is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
+        value = float(ts)
         if math.isfinite(value):
             return value
     raise ValueError(f"_ts must be a finite number (not bool, NaN or inf), got {ts!r}")
@@ -80,7 +79,9 @@ class RunContext:
     def __enter__(self) -> Experiment:
         return self._exp.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._exp._close_for(ev)
 
 
@@ -119,7 +120,9 @@ class Experiment:
     ) -> None:
         if prefix is None:
             if name is None:
-                raise ValueError("Experiment needs prefix='owner/project/name' or name=... (with project=...)")
+                raise ValueError(
+                    "Experiment needs prefix='owner/project/name' or name=... (with project=...)"
+                )
             owner_project = project if project is not None else f"{_user()}/scratch"
             prefix = f"{owner_project}/{name}"
         self.prefix: str = check_prefix(prefix.strip("/"))
@@ -195,7 +198,9 @@ class Experiment:
         """Close the run as cancelled."""
         self._close("cancelled", None)
 
-    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> Experiment:
+    def log(
+        self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any
+    ) -> Experiment:
         """Write one log line; ``level`` is one of debug, info, warn, error, fatal."""
         _logs.write(self, message, level, metadata, extra)
         return self
@@ -226,7 +231,8 @@ class Experiment:
             if seq == 0:
                 break
             wait_s = max(0.05, min(FLUSH_RESEND_S, deadline - time.monotonic()))
-            reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}, wait_s + 0.5)
+            wait = {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}
+            reply = _agent.request(self._runtime_dir, wait, wait_s + 0.5)
             if reply is not None and reply.get("ok"):
                 return True
         log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
@@ -237,7 +243,7 @@ class Experiment:
         if self._open and self._runtime_dir is not None and _agent.agent_running(self._runtime_dir):
             self.flush()
 
-    def _resolve_ts(self, ts: Any) -> float:
+    def _resolve_ts(self, ts: object) -> float:
         if type(ts) is float and ts != -1.0 and _isfinite(ts):
             self._tls.last_ts = ts
             return ts

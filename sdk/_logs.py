@@ -22,17 +22,19 @@ def check_level(level: str) -> str:
     lvl = _ALIASES.get(level, level) if isinstance(level, str) else level
     if lvl not in LOG_LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
-    return lvl  # type: ignore[no-any-return]
+    return lvl
 
 
 def echo(message: str, level: str, metadata: Mapping[str, Any] | None) -> None:
     """Print a log line as ML-Dash does: ``[LEVEL] message [k=v, ...]``, errors to stderr."""
     extra = f" [{', '.join(f'{k}={v}' for k, v in metadata.items())}]" if metadata else ""
     stream = sys.stderr if level in ("error", "fatal") else sys.stdout
-    print(f"[{level.upper()}] {message}{extra}", file=stream)  # noqa: T201
+    print(f"[{level.upper()}] {message}{extra}", file=stream)
 
 
-def write(exp: Experiment, message: str, level: str, metadata: Mapping[str, Any] | None, extra: dict[str, Any]) -> None:
+def write(
+    exp: Experiment, message: str, level: str, metadata: Mapping[str, Any] | None, extra: dict[str, Any]
+) -> None:
     """Validate and send one log line."""
     lvl = check_level(level)
     meta = {**metadata, **extra} if metadata else (extra or None)
@@ -47,24 +49,24 @@ class LogBuilder:
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
 
-    def debug(self, message: str, **metadata: Any) -> None:
+    def debug(self, message: str, **metadata: object) -> None:
         """Log at debug level."""
         write(self._exp, message, "debug", None, metadata)
 
-    def info(self, message: str, **metadata: Any) -> None:
+    def info(self, message: str, **metadata: object) -> None:
         """Log at info level."""
         write(self._exp, message, "info", None, metadata)
 
-    def warn(self, message: str, **metadata: Any) -> None:
+    def warn(self, message: str, **metadata: object) -> None:
         """Log at warn level."""
         write(self._exp, message, "warn", None, metadata)
 
     warning = warn
 
-    def error(self, message: str, **metadata: Any) -> None:
+    def error(self, message: str, **metadata: object) -> None:
         """Log at error level."""
         write(self._exp, message, "error", None, metadata)
 
-    def fatal(self, message: str, **metadata: Any) -> None:
+    def fatal(self, message: str, **metadata: object) -> None:
         """Log at fatal level."""
         write(self._exp, message, "fatal", None, metadata)

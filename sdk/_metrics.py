@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, SupportsFloat, cast
 
 from dashcar.proto import Kind, metric_dir_parts
 
@@ -50,7 +50,7 @@ def _stdev(values: list[float]) -> float:
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-AGGREGATIONS = {
+AGGREGATIONS: dict[str, Callable[[list[float]], float]] = {
     "mean": lambda v: math.fsum(v) / len(v),
     "std": _stdev,
     "min": min,
@@ -82,7 +82,7 @@ def _as_float(key: str, value: object) -> float:
     if value is None:
         return math.nan
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(cast("SupportsFloat", value))  # a value float() refuses raises TypeError here
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot aggregate non-numeric {key}={value!r}; use exp.log() for text") from exc
 
@@ -95,12 +95,12 @@ class SummaryCache:
         self._buffer: dict[str, list[float]] = defaultdict(list)
         self._context: dict[str, Any] = {}
 
-    def store(self, **values: Any) -> None:
+    def store(self, **values: object) -> None:
         """Accumulate numeric values (None counts as NaN, which summaries leave out)."""
         for k, v in values.items():
             self._buffer[k].append(_as_float(k, v))
 
-    def set(self, **context: Any) -> None:
+    def set(self, **context: object) -> None:
         """Values logged as they are with the next summary (epoch, lr)."""
         self._context.update(context)
 
@@ -115,7 +115,8 @@ class SummaryCache:
 
     def peek(self, *keys: str, limit: int | None = 5) -> dict[str, list[float]]:
         """The last ``limit`` stored values of ``keys`` (all keys if none), without consuming them."""
-        return {k: v[-limit:] if limit else list(v) for k, v in self._buffer.items() if v and (not keys or k in keys)}
+        wanted = [(k, v) for k, v in self._buffer.items() if v and (not keys or k in keys)]
+        return {k: v[-limit:] if limit else list(v) for k, v in wanted}
 
 
 class BufferManager:
@@ -129,7 +130,7 @@ class BufferManager:
         for k, v in values.items():
             self._buffers[name][k].append(_as_float(k, v))
 
-    def log_summary(self, *aggs: str, **context: Any) -> None:
+    def log_summary(self, *aggs: str, **context: object) -> None:
         """Log ``key.agg`` for every buffered metric (default ``mean``), then clear the buffers."""
         aggs = aggs or ("mean",)
         unknown = [a for a in aggs if a not in AGGREGATIONS]
@@ -149,7 +150,8 @@ class BufferManager:
                 continue
             for k, v in buffer.items():
                 if v and (not keys or k in keys):
-                    out[k if name is not None else f"{n or '(default)'}/{k}"] = v[-limit:] if limit else list(v)
+                    key = k if name is not None else f"{n or '(default)'}/{k}"
+                    out[key] = v[-limit:] if limit else list(v)
         return out
 
 
@@ -176,7 +178,8 @@ class Series:
     def describe(self, description: str | None = None, tags: list[str] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> None:
         """Set the description, tags and metadata shown in the series' ``metadata.json``."""
-        info = {k: v for k, v in (("description", description), ("tags", tags), ("metadata", metadata)) if v is not None}
+        given = (("description", description), ("tags", tags), ("metadata", metadata))
+        info = {k: v for k, v in given if v is not None}
         if info:
             target = "metric" if self._folder == "metrics" else "series"
             self._exp._emit(Kind.META, (target, self._name, info))
@@ -191,12 +194,13 @@ class Series:
         if self._next_index is None:
             self._exp._barrier()
             try:
-                self._next_index = int(_read.series_stats(self._exp.run_dir, self._folder, self._name)["totalDataPoints"])
+                stats = _read.series_stats(self._exp.run_dir, self._folder, self._name)
+                self._next_index = int(stats["totalDataPoints"])
             except FileNotFoundError:
                 self._next_index = 0
         return self._next_index
 
-    def log(self, _ts: Any = None, **fields: Any) -> Series:
+    def log(self, _ts: object = None, **fields: object) -> Series:
         """Append one point; ``_ts`` (default now, ``-1`` reuses the last) is stored inside it."""
         fields["_ts"] = _now() if _ts is None else self._exp._resolve_ts(_ts)
         self._exp._emit(_METRIC, (self._name, [fields], self._folder))
@@ -204,14 +208,14 @@ class Series:
             self._next_index += 1
         return self
 
-    def append(self, **fields: Any) -> dict[str, Any]:
+    def append(self, **fields: object) -> dict[str, Any]:
         """Append one point and return ``{"index": ...}``."""
         start = self._reserve(1)
         ts = fields.pop("_ts", None)
         self.log(_ts=ts, **fields)
         return {"index": start, "name": self._name}
 
-    def append_batch(self, points: list[Mapping[str, Any]]) -> dict[str, Any]:
+    def append_batch(self, points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Append many points at once; returns ``count``, ``startIndex`` and ``endIndex``."""
         start = self._reserve(len(points))
         now = time.time()
@@ -222,9 +226,10 @@ class Series:
             point["_ts"] = now if ts is None else self._exp._resolve_ts(ts)
             batch.append(point)
         self._send(batch)
-        return {"count": len(batch), "startIndex": start, "endIndex": start + len(batch) - 1, "name": self._name}
+        end = start + len(batch) - 1
+        return {"count": len(batch), "startIndex": start, "endIndex": end, "name": self._name}
 
-    def buffer(self, **values: Any) -> Series:
+    def buffer(self, **values: object) -> Series:
         """Buffer values for ``exp.metrics.buffer.log_summary()``."""
         if self._manager is None:
             raise TypeError("buffer() belongs to exp.metrics(...) series")
@@ -266,8 +271,10 @@ class Series:
 MetricBuilder = Series
 
 
-def series_in(cache: dict[Any, Series], exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None,
-              description: str | None, tags: list[str] | None, metadata: Mapping[str, Any] | None) -> Series:
+def series_in(
+    cache: dict[Any, Series], exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None,
+    description: str | None, tags: list[str] | None, metadata: Mapping[str, Any] | None,
+) -> Series:
     """The cached series ``name`` (created on first use); new description, tags or metadata are sent."""
     s = cache.get(name)
     if s is None:
@@ -289,7 +296,7 @@ class MetricsManager:
                  metadata: Mapping[str, Any] | None = None) -> Series:
         return series_in(self._series, self._exp, name, "metrics", self, description, tags, metadata)
 
-    def log(self, _ts: Any = None, _flush: bool = False, **fields: Any) -> MetricsManager:
+    def log(self, _ts: object = None, _flush: bool = False, **fields: object) -> MetricsManager:
         """Scalars go to the unnamed metric; each dict value to its own metric, with the scalars."""
         ts = time.time() if _ts is None else self._exp._resolve_ts(_ts)
         scalars = {k: v for k, v in fields.items() if not isinstance(v, dict)}

@@ -16,7 +16,11 @@ def _class_to_dict(value: object) -> object:
     """A config class (``Args`` with class attributes) becomes a dict of its public attributes."""
     if not isinstance(value, type):
         return value
-    return {k: v for k, v in vars(value).items() if not k.startswith("_") and not callable(v) and not isinstance(v, type)}
+    return {
+        k: v
+        for k, v in vars(value).items()
+        if not k.startswith("_") and not callable(v) and not isinstance(v, type)
+    }
 
 
 class ParamsBuilder:
@@ -25,7 +29,7 @@ class ParamsBuilder:
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
 
-    def set(self, **params: Any) -> ParamsBuilder:
+    def set(self, **params: object) -> ParamsBuilder:
         """Merge ``params`` into the run's parameters (``vars(args)`` and JSON configs work as is)."""
         if params:
             self._exp._emit(Kind.PARAMS, {k: _class_to_dict(v) for k, v in params.items()})
@@ -33,7 +37,7 @@ class ParamsBuilder:
 
     log = set
 
-    def __call__(self, **params: Any) -> ParamsBuilder:
+    def __call__(self, **params: object) -> ParamsBuilder:
         """``session.params(lr=...)``: the DreamLake spelling of ``set``."""
         return self.set(**params)
 

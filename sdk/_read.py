@@ -55,7 +55,9 @@ def series_dir(run: Path, folder: str, name: str | None) -> Path:
     return run.joinpath(folder, *metric_dir_parts(name))
 
 
-def read_series(run: Path, folder: str, name: str | None, start_index: int = 0, limit: int = 1000) -> dict[str, Any]:
+def read_series(
+    run: Path, folder: str, name: str | None, start_index: int = 0, limit: int = 1000
+) -> dict[str, Any]:
     """Points ``start_index`` … ``start_index + limit - 1``, as ML-Dash's ``read`` returns them."""
     d = series_dir(run, folder, name)
     points: list[dict[str, Any]] = []
@@ -168,7 +170,7 @@ class TrackFile:
     def entries(self, start: float | None = None, end: float | None = None) -> Iterator[dict[str, Any]]:
         """Rows with ``start <= timestamp <= end``, in timestamp order."""
         try:
-            f = open(self.path, "rb")
+            f = open(self.path, "rb")  # noqa: SIM115 - the `with` below closes it; only open() may find no file
         except FileNotFoundError:
             return
         with f:
@@ -211,7 +213,7 @@ def read_track(
     columns: list[str] | None = None,
     format: str = "json",
     meta: dict[str, Any] | None = None,
-) -> Any:
+) -> dict[str, Any] | bytes:
     """A track in one of ``json``, ``jsonl`` (bytes), ``parquet`` (bytes, zstd) or ``mocap``."""
     if format not in TRACK_FORMATS:
         raise ValueError(f"format {format!r} is not one of {', '.join(TRACK_FORMATS)}")
@@ -226,7 +228,9 @@ def read_track(
     if format == "parquet":
         return _to_parquet(entries)
     meta = meta if meta is not None else (_read_json(d / "metadata.json") or {})
-    user_meta = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    user_meta = meta.get("metadata")
+    if not isinstance(user_meta, dict):
+        user_meta = {}
     channels = sorted({k for e in entries for k in e if k != "timestamp"})
     first = entries[0]["timestamp"] if entries else 0
     last = entries[-1]["timestamp"] if entries else 0
@@ -243,7 +247,9 @@ def read_track(
             "endTime": last,
         },
         "channels": channels,
-        "frames": [{"time": e["timestamp"], **{k: v for k, v in e.items() if k != "timestamp"}} for e in entries],
+        "frames": [
+            {"time": e["timestamp"], **{k: v for k, v in e.items() if k != "timestamp"}} for e in entries
+        ],
     }
 
 
@@ -290,7 +296,7 @@ class TrackSlice:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def findByTime(self, timestamp: float | list[float]) -> dict[str, Any] | list[dict[str, Any]]:  # noqa: N802
+    def findByTime(self, timestamp: float | list[float]) -> dict[str, Any] | list[dict[str, Any]]:
         """The row with the largest timestamp <= ``timestamp`` (``KeyError`` if none)."""
         if isinstance(timestamp, list):
             return [self._floor(t) for t in timestamp]

@@ -1,9 +1,12 @@
-"""DreamLake's ``Session``: index-based tracks, parameters and logs under ``<local_path>/<workspace>/<name>``."""
+"""DreamLake's ``Session``: index-based tracks, parameters and logs.
+
+A session's files live under ``<local_path>/<workspace>/<name>``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,7 +58,9 @@ class Session:
         """An index-based series stored as ``tracks/<name>/data.jsonl``."""
         return series_in(self._tracks, self._exp, name, "tracks", None, description, tags, metadata)
 
-    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> None:
+    def log(
+        self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any
+    ) -> None:
         """Write one log line."""
         self._exp.log(message, level=level, metadata=metadata, **extra)
 
@@ -70,10 +75,15 @@ class Session:
 
     def close(self, status: str = "completed") -> None:
         """Close the session with ``completed``, ``failed`` or ``cancelled``."""
-        {"completed": self._exp.complete, "failed": self._exp.fail, "cancelled": self._exp.cancel}[status]()
+        closers: dict[str, Callable[[], None]] = {
+            "completed": self._exp.complete, "failed": self._exp.fail, "cancelled": self._exp.cancel,
+        }
+        closers[status]()
 
     def __enter__(self) -> Session:
         return self.open()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._exp._close_for(ev)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, overload
 
 from dashcar.proto import Kind, track_dir_name
 
@@ -15,7 +15,7 @@ _TRACK: Final = int(Kind.TRACK)
 if TYPE_CHECKING:
     from ._experiment import Experiment
 
-_MISSING: Any = object()
+_MISSING: object = object()
 
 
 class TrackBuilder:
@@ -33,7 +33,7 @@ class TrackBuilder:
         """The topic name, e.g. ``robot/state``."""
         return self._topic
 
-    def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
+    def append(self, _ts: object = _MISSING, **fields: object) -> TrackBuilder:
         """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one)."""
         if "timestamp" in fields:
             raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
@@ -47,17 +47,41 @@ class TrackBuilder:
         self._exp.flush()
         return self
 
-    def read(self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-             columns: list[str] | None = None, format: str = "json") -> Any:
-        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``."""
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: Literal["json", "mocap"] = "json",
+    ) -> dict[str, Any]: ...
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, *, format: Literal["jsonl", "parquet"],
+    ) -> bytes: ...
+    @overload
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: str = "json",
+    ) -> dict[str, Any] | bytes: ...
+    def read(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+        columns: list[str] | None = None, format: str = "json",
+    ) -> dict[str, Any] | bytes:
+        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``.
+
+        ``json`` and ``mocap`` are dicts; ``jsonl`` and ``parquet`` (zstd) are bytes.
+        """
         self._exp._barrier()
-        return _read.read_track(self._exp.run_dir, self._topic, start_timestamp, end_timestamp, columns, format)
+        run = self._exp.run_dir
+        return _read.read_track(run, self._topic, start_timestamp, end_timestamp, columns, format)
 
     def list_entries(self) -> list[dict[str, Any]]:
         """Every row, as dicts with ``timestamp``."""
-        return self.read()["entries"]  # type: ignore[no-any-return]
+        entries: list[dict[str, Any]] = self.read()["entries"]
+        return entries
 
-    def slice(self, start_timestamp: float | None = None, end_timestamp: float | None = None) -> _read.TrackSlice:
+    def slice(
+        self, start_timestamp: float | None = None, end_timestamp: float | None = None
+    ) -> _read.TrackSlice:
         """Rows of a time range, iterable, with ``findByTime`` (floor match)."""
         return _read.TrackSlice(self.read(start_timestamp, end_timestamp)["entries"])
 
@@ -77,10 +101,13 @@ class TracksManager:
             folder = track_dir_name(topic)
             other = self._dirs.get(folder)
             if other is not None and other != topic:
-                raise ValueError(f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one")
+                raise ValueError(
+                    f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one"
+                )
             self._dirs[folder] = topic
             builder = self._builders[topic] = TrackBuilder(self._exp, topic)
-        info = {k: v for k, v in (("description", description), ("tags", tags), ("metadata", metadata)) if v is not None}
+        given = (("description", description), ("tags", tags), ("metadata", metadata))
+        info = {k: v for k, v in given if v is not None}
         if info:
             self._exp._emit(Kind.META, ("track", topic, info))
         return builder

@@ -29,25 +29,32 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dashcar.proto import COUNTER, INGEST_SOCKET, MAX_FRAME_BYTES, NDARRAY_MIN_SIZE, Kind, counter_path, frame_head, ndarray_ext
+from dashcar.proto import (
+    COUNTER,
+    INGEST_SOCKET,
+    MAX_FRAME_BYTES,
+    NDARRAY_MIN_SIZE,
+    Kind,
+    counter_path,
+    frame_head,
+    ndarray_ext,
+)
 
 if TYPE_CHECKING:
     import zmq
+else:
+    zmq = None  # pyzmq, imported when the first transport is made, so ``import dashcar`` stays light
 
 log = logging.getLogger("dashcar")
 
-zmq: Any = None  # noqa: F811
-"""pyzmq, imported when the first transport is made, so ``import dashcar`` stays light."""
 
-
-def load_zmq() -> Any:
-    """Import pyzmq on first use and return it."""
+def load_zmq() -> None:
+    """Import pyzmq on first use into this module's ``zmq`` (the hot path reads it as a global)."""
     global zmq
     if zmq is None:
         import zmq as module
 
         zmq = module
-    return zmq
 
 SNDHWM_DEFAULT = 100_000
 LINGER_MS_DEFAULT = 1000
@@ -103,12 +110,18 @@ class Producer:
     """One thread's PUSH socket, producer id, sequence counter and drop counter."""
 
     __slots__ = (
-        "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report", "_buf", "_buf_t",
-        "_buf_bytes",
+        "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report",
+        "_buf", "_buf_t", "_buf_bytes",
     )
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path, endpoint: str, sndhwm: int, linger_ms: int, coalesce_s: float = 0.0
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        runtime_dir: Path,
+        endpoint: str,
+        sndhwm: int,
+        linger_ms: int,
+        coalesce_s: float = 0.0,
     ) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -141,7 +154,9 @@ class Producer:
         body = pack(payload)
         size = len(head) + len(body) + 9
         if size > MAX_FRAME_BYTES:
-            raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call")
+            raise ValueError(
+                f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES}-byte limit; log less per call"
+            )
         if self.coalesce_s and kind not in _ALONE:
             return self._coalesce(head, body, size)
         if self._buf:
@@ -150,7 +165,7 @@ class Producer:
         return self._hand_over(head + pack(seq) + body, seq, 1, wait_s)
 
     def _hand_over(self, data: bytes, seq: int, n: int, wait_s: float) -> int:
-        """Give ``n`` packed frames ending at ``seq`` to ZeroMQ; returns ``seq``, or 0 once their drop is counted."""
+        """Give ``n`` packed frames ending at ``seq`` to ZeroMQ; ``seq``, or 0 once their drop is counted."""
         try:
             self.sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
@@ -171,7 +186,11 @@ class Producer:
         now = time.monotonic()
         if len(buf) == 1:
             self._buf_t = now
-        elif now - self._buf_t >= self.coalesce_s or len(buf) >= COALESCE_MAX_FRAMES or self._buf_bytes >= COALESCE_MAX_BYTES:
+        elif (
+            now - self._buf_t >= self.coalesce_s
+            or len(buf) >= COALESCE_MAX_FRAMES
+            or self._buf_bytes >= COALESCE_MAX_BYTES
+        ):
             return self.ship()
         _pack_counter(self.counter, 0, self.seq, self.dropped, len(buf))
         return -1
@@ -209,14 +228,20 @@ class Producer:
         now = time.monotonic()
         if now - self._last_report >= DROP_REPORT_INTERVAL_S:
             self._last_report = now
-            log.warning("dashcar: send queue full or agent unreachable; %d frames dropped so far", self.dropped)
+            log.warning(
+                "dashcar: send queue full or agent unreachable; %d frames dropped so far", self.dropped
+            )
 
 
 class Transport:
     """The process-wide set of producers for one runtime directory."""
 
     def __init__(
-        self, runtime_dir: Path, sndhwm: int = SNDHWM_DEFAULT, linger_ms: int = LINGER_MS_DEFAULT, coalesce_ms: float = 0.0
+        self,
+        runtime_dir: Path,
+        sndhwm: int = SNDHWM_DEFAULT,
+        linger_ms: int = LINGER_MS_DEFAULT,
+        coalesce_ms: float = 0.0,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.endpoint = f"ipc://{runtime_dir / INGEST_SOCKET}"
@@ -235,7 +260,9 @@ class Transport:
         """This thread's producer, created on first use."""
         p: Producer | None = getattr(self._local, "p", None)
         if p is None:
-            p = Producer(self.ctx, self.runtime_dir, self.endpoint, self.sndhwm, self.linger_ms, self.coalesce_s)
+            p = Producer(
+                self.ctx, self.runtime_dir, self.endpoint, self.sndhwm, self.linger_ms, self.coalesce_s
+            )
             self._local.p = p
             with self._lock:
                 self._producers.append(p)
@@ -287,7 +314,9 @@ def get_transport(runtime_dir: Path) -> Transport:
 def check_coalesce_ms(ms: float) -> float:
     """A valid coalescing window in milliseconds, or ``ValueError``."""
     if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms <= COALESCE_MAX_MS:
-        raise ValueError(f"coalesce_ms must be a number of milliseconds in [0, {COALESCE_MAX_MS:g}], got {ms!r}")
+        raise ValueError(
+            f"coalesce_ms must be a number of milliseconds in [0, {COALESCE_MAX_MS:g}], got {ms!r}"
+        )
     return float(ms)
 
 
@@ -296,8 +325,12 @@ def _limits_from_env() -> tuple[int, int, float]:
     try:
         coalesce = float(env.get("DASHCAR_COALESCE_MS") or 0)
     except ValueError:
-        raise ValueError(f"DASHCAR_COALESCE_MS must be a number of milliseconds, got {env['DASHCAR_COALESCE_MS']!r}") from None
-    return int(env.get("DASHCAR_SNDHWM", SNDHWM_DEFAULT)), int(env.get("DASHCAR_LINGER_MS", LINGER_MS_DEFAULT)), coalesce
+        raise ValueError(
+            f"DASHCAR_COALESCE_MS must be a number of milliseconds, got {env['DASHCAR_COALESCE_MS']!r}"
+        ) from None
+    sndhwm = int(env.get("DASHCAR_SNDHWM", SNDHWM_DEFAULT))
+    linger_ms = int(env.get("DASHCAR_LINGER_MS", LINGER_MS_DEFAULT))
+    return sndhwm, linger_ms, coalesce
 
 
 def reset() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +40,30 @@ def write_with_ml_dash(root: str, prefix: str) -> None:
 
 
 def readers(root: str, prefix: str) -> tuple[Any, Any]:
-    return ml_dash.Experiment(prefix=prefix, dash_root=root), dashcar.Experiment(prefix=prefix, dash_root=root)
+    theirs = ml_dash.Experiment(prefix=prefix, dash_root=root)
+    return theirs, dashcar.Experiment(prefix=prefix, dash_root=root)
 
 
 def compare(root: str, prefix: str) -> None:
     theirs, ours = readers(root, prefix)
     with theirs.run as t:
         for start, limit in ((0, 1000), (5, 10), (20, 100), (30, 5)):
-            assert ours.metrics("train").read(start, limit) == t.metrics("train").read(start_index=start, limit=limit)
-        assert ours.metrics("train").stats()["totalDataPoints"] == t.metrics("train").stats()["totalDataPoints"]
+            expected = t.metrics("train").read(start_index=start, limit=limit)
+            assert ours.metrics("train").read(start, limit) == expected
+        total = t.metrics("train").stats()["totalDataPoints"]
+        assert ours.metrics("train").stats()["totalDataPoints"] == total
         for kw in ({}, {"start_timestamp": 0.1, "end_timestamp": 0.2}, {"columns": ["q"]}):
             assert ours.tracks("robot/pos").read(**kw) == t.tracks("robot/pos").read(**kw)
-            assert ours.tracks("robot/pos").read(format="jsonl", **kw) == t.tracks("robot/pos").read(format="jsonl", **kw)
+            expected_jsonl = t.tracks("robot/pos").read(format="jsonl", **kw)
+            assert ours.tracks("robot/pos").read(format="jsonl", **kw) == expected_jsonl
         assert ours.tracks("robot/pos").read(format="mocap") == t.tracks("robot/pos").read(format="mocap")
         mine = pq.read_table(io.BytesIO(ours.tracks("robot/pos").read(format="parquet"))).to_pylist()
         ref = pq.read_table(io.BytesIO(t.tracks("robot/pos").read(format="parquet"))).to_pylist()
         assert mine == ref
-        assert ours.params.get() == t.params.get() and ours.params.get(flatten=False) == t.params.get(flatten=False)
-        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == t.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155)
+        assert ours.params.get() == t.params.get()
+        assert ours.params.get(flatten=False) == t.params.get(flatten=False)
+        found = t.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155)
+        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == found
 
 
 def test_ml_dash_reads_what_dashcar_wrote(agent: AgentHandle) -> None:
@@ -109,4 +114,3 @@ def test_parquet_columns_are_the_union_of_all_rows(agent: AgentHandle) -> None:
         {"timestamp": 1.0, "a": None, "b": "x", "c": None},
         {"timestamp": 2.0, "a": None, "b": None, "c": [1.0, 2.0]},
     ]
-    assert json.loads(json.dumps(table.to_pylist()))

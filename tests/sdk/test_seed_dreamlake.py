@@ -50,7 +50,8 @@ def test_batch_append_and_read(data: str) -> None:
             session.track("loss").append(value=1.0 / (i + 1), step=i)
         result = session.track("loss").read(start_index=0, limit=10)
         assert result["total"] == 10
-        assert [f"Index {point['index']}: {point['data']['step']}" for point in result["data"]][:2] == ["Index 0: 0", "Index 1: 1"]
+        lines = [f"Index {point['index']}: {point['data']['step']}" for point in result["data"]]
+        assert lines[:2] == ["Index 0: 0", "Index 1: 1"]
 
 
 def test_stats_and_list_all(data: str) -> None:
@@ -58,8 +59,8 @@ def test_stats_and_list_all(data: str) -> None:
         for i in range(1000):
             session.track("loss").append(value=1.0 / (i + 1), step=i)
         stats = session.track("loss").stats()
-        assert (stats["name"], stats["totalDataPoints"], stats["bufferedDataPoints"], stats["chunkedDataPoints"]) == (
-            "loss", "1000", "1000", "0")
+        counts = (stats["totalDataPoints"], stats["bufferedDataPoints"], stats["chunkedDataPoints"])
+        assert (stats["name"], *counts) == ("loss", "1000", "1000", "0")
         session.track("train_loss").append(value=0.5)
         session.track("val_loss").append(value=0.6)
         session.track("train_acc").append(value=0.85)
@@ -86,17 +87,21 @@ def test_training_loop_and_learning_rate_tracking(data: str) -> None:
             session.log(f"Epoch {epoch + 1}/10 complete", metadata={"train_loss": 1 / (epoch + 1)})
         session.log("Training complete")
     run = Path(data) / "computer-vision" / "mnist-training"
-    assert read_json(run / "parameters.json")["data"] == {"learning_rate": 0.001, "batch_size": 32, "epochs": 10}
+    params = read_json(run / "parameters.json")["data"]
+    assert params == {"learning_rate": 0.001, "batch_size": 32, "epochs": 10}
     assert len(read_jsonl(run / "tracks" / "val_accuracy" / "data.jsonl")) == 10
-    assert read_jsonl(run / "tracks" / "learning_rate" / "data.jsonl")[-1]["data"]["value"] == pytest.approx(0.0001)
+    last_lr = read_jsonl(run / "tracks" / "learning_rate" / "data.jsonl")[-1]["data"]["value"]
+    assert last_lr == pytest.approx(0.0001)
     assert len(read_jsonl(run / "logs" / "logs.jsonl")) == 15
 
 
 def test_system_monitoring_batching_and_params_call(data: str) -> None:
     with Session(name="system-monitor", workspace="monitoring", local_path=data) as session:
         for i in range(5):
-            session.track("system_metrics").append(timestamp=1000.0 + i, cpu_percent=10.0 * i, memory_percent=50.0,
-                                                   memory_used_gb=4.0, memory_available_gb=12.0)
+            session.track("system_metrics").append(
+                timestamp=1000.0 + i, cpu_percent=10.0 * i, memory_percent=50.0,
+                memory_used_gb=4.0, memory_available_gb=12.0,
+            )
         session.params(learning_rate=0.001, batch_size=32)
         session.log("Training started", level="info")
         batch = []
@@ -110,19 +115,23 @@ def test_system_monitoring_batching_and_params_call(data: str) -> None:
         assert session.track("train_loss").stats()["totalDataPoints"] == "1000"
     run = Path(data) / "monitoring" / "system-monitor"
     assert read_json(run / "parameters.json")["data"] == {"learning_rate": 0.001, "batch_size": 32}
-    assert [x["data"]["cpu_percent"] for x in read_jsonl(run / "tracks" / "system_metrics" / "data.jsonl")] == [0, 10, 20, 30, 40]
+    system = read_jsonl(run / "tracks" / "system_metrics" / "data.jsonl")
+    assert [x["data"]["cpu_percent"] for x in system] == [0, 10, 20, 30, 40]
 
 
 def test_track_metadata_and_storage_format(data: str) -> None:
     with Session(name="demo", workspace="test", local_path=data) as session:
-        session.track(name="train_loss", description="Training loss (cross-entropy)", tags=["training", "loss"],
-                      metadata={"unit": "nats", "goal": "minimize"}).append(value=0.5, epoch=1)
+        session.track(
+            name="train_loss", description="Training loss (cross-entropy)", tags=["training", "loss"],
+            metadata={"unit": "nats", "goal": "minimize"},
+        ).append(value=0.5, epoch=1)
         session.track("train_loss").append(value=0.45, epoch=2)
         session.track("train_loss").append(value=0.40, epoch=3)
     d = Path(data) / "test" / "demo" / "tracks" / "train_loss"
     assert [(x["index"], x["data"]["value"], x["data"]["epoch"]) for x in read_jsonl(d / "data.jsonl")] == [
         (0, 0.5, 1), (1, 0.45, 2), (2, 0.40, 3)]
     meta = read_json(d / "metadata.json")
-    assert (meta["name"], meta["totalDataPoints"], meta["bufferedDataPoints"], meta["chunkedDataPoints"]) == ("train_loss", 3, 3, 0)
+    counts = (meta["totalDataPoints"], meta["bufferedDataPoints"], meta["chunkedDataPoints"])
+    assert (meta["name"], *counts) == ("train_loss", 3, 3, 0)
     assert meta["description"] == "Training loss (cross-entropy)" and meta["tags"] == ["training", "loss"]
     assert meta["metadata"] == {"unit": "nats", "goal": "minimize"}

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow.parquet as pq
 import pytest
 
@@ -42,7 +43,8 @@ def test_tracks_basic_usage_merges_equal_timestamps(root: str) -> None:
         {"timestamp": 1.0, "q": [0.1, 0.2, 0.3], "e": [0.5, 0.0, 0.6], "v": [0.01, 0.02, 0.03]},
         {"timestamp": 2.0, "q": [0.2, 0.3, 0.4], "e": [0.6, 0.1, 0.7]},
     ]
-    assert (run_dir(root, "alice/robotics/manipulation") / "tracks" / "robot_position" / "data.jsonl").exists()
+    run = run_dir(root, "alice/robotics/manipulation")
+    assert (run / "tracks" / "robot_position" / "data.jsonl").exists()
 
 
 def test_timestamp_requirements(root: str) -> None:
@@ -65,14 +67,17 @@ def test_track_builder_append_chaining_and_topics(root: str) -> None:
             q=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], qd=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
             tau=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], gripper_pos=0.04, gripper_force=10.5, _ts=1.5,
         )
-        experiment.tracks("events").append(event="start", _ts=0.0).append(event="calibration", _ts=1.0).append(
-            event="ready", _ts=2.0).flush()
+        events = experiment.tracks("events")
+        events.append(event="start", _ts=0.0).append(event="calibration", _ts=1.0)
+        events.append(event="ready", _ts=2.0).flush()
         experiment.tracks("robot/position").flush()
         experiment.tracks.flush()
-        assert [e["event"] for e in experiment.tracks("events").list_entries()] == ["start", "calibration", "ready"]
+        assert [e["event"] for e in events.list_entries()] == ["start", "calibration", "ready"]
         state = experiment.tracks("robot/state").list_entries()
-    assert state == [{"timestamp": 1.5, "q": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "qd": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
-                      "tau": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "gripper_pos": 0.04, "gripper_force": 10.5}]
+    assert state == [{
+        "timestamp": 1.5, "q": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "qd": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
+        "tau": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "gripper_pos": 0.04, "gripper_force": 10.5,
+    }]
 
 
 def test_reading_filters_and_export_formats(root: str) -> None:
@@ -80,16 +85,21 @@ def test_reading_filters_and_export_formats(root: str) -> None:
         for i in range(20):
             experiment.tracks("robot/position").append(q=[i, i], e=[-i], qd=[i * 0.5], _ts=float(i))
         data = experiment.tracks("robot/position").read()
-        assert data["count"] == 20 and [e["timestamp"] for e in data["entries"]] == [float(i) for i in range(20)]
+        assert data["count"] == 20
+        assert [e["timestamp"] for e in data["entries"]] == [float(i) for i in range(20)]
         ranged = experiment.tracks("robot/position").read(start_timestamp=0.0, end_timestamp=10.0)
         assert [e["timestamp"] for e in ranged["entries"]] == [float(i) for i in range(11)]
         cols = experiment.tracks("robot/position").read(columns=["q", "e"])["entries"]
         assert cols[3] == {"timestamp": 3.0, "q": [3, 3], "e": [-3]}
-        both = experiment.tracks("robot/position").read(start_timestamp=5.0, end_timestamp=15.0, columns=["q", "qd"])
+        both = experiment.tracks("robot/position").read(
+            start_timestamp=5.0, end_timestamp=15.0, columns=["q", "qd"]
+        )
         assert [e["timestamp"] for e in both["entries"]] == [float(i) for i in range(5, 16)]
         assert set(both["entries"][0]) == {"timestamp", "q", "qd"}
         entries = experiment.tracks("robot/position").list_entries()
-        assert all(f"t={entry['timestamp']}: q={entry.get('q')}" for entry in entries)
+        assert [f"t={entry['timestamp']}: q={entry.get('q')}" for entry in entries[:2]] == [
+            "t=0.0: q=[0, 0]", "t=1.0: q=[1, 1]"]
+        assert entries == data["entries"]
         jsonl = experiment.tracks("robot/position").read(format="jsonl")
         assert isinstance(jsonl, bytes) and [json.loads(x) for x in jsonl.splitlines()] == data["entries"]
         table = pq.read_table(io.BytesIO(experiment.tracks("robot/position").read(format="parquet")))
@@ -105,8 +115,9 @@ class Robot:
     def __init__(self) -> None:
         self.t = 0.0
 
-    def q(self) -> np.ndarray:
-        return np.sin(np.arange(7) + self.t)
+    def q(self) -> npt.NDArray[np.float64]:
+        q: npt.NDArray[np.float64] = np.sin(np.arange(7) + self.t)
+        return q
 
 
 def test_robot_trajectory_logging(root: str) -> None:
@@ -118,7 +129,9 @@ def test_robot_trajectory_logging(root: str) -> None:
             t = i * dt
             robot.t = t
             q, qd = robot.q(), robot.q() * 0.1
-            exp.tracks("robot/state").append(q=q.tolist(), qd=qd.tolist(), ee_pos=q[:3].tolist(), ee_quat=q[:4].tolist(), _ts=t)
+            exp.tracks("robot/state").append(
+                q=q.tolist(), qd=qd.tolist(), ee_pos=q[:3].tolist(), ee_quat=q[:4].tolist(), _ts=t
+            )
             exp.tracks("robot/gripper").append(position=0.04, force=float(q[0]), _ts=t)
         exp.tracks.flush()
         trajectory = exp.tracks("robot/state").read()
@@ -172,7 +185,8 @@ def test_merging_data_at_the_same_timestamp(root: str) -> None:
         experiment.tracks.flush()
         entries = experiment.tracks("fused").list_entries()
     assert len(entries) == 100
-    assert all(set(e) == {"timestamp", "x", "y", "z", "vx", "vy", "vz", "qw", "qx", "qy", "qz"} for e in entries)
+    fields = {"timestamp", "x", "y", "z", "vx", "vy", "vz", "qw", "qx", "qy", "qz"}
+    assert [set(e) for e in entries] == [fields] * 100
 
 
 # ---------------------------------------------------------------- data tracking
@@ -229,12 +243,15 @@ def test_logging_levels_metadata_and_error_tracking(root: str, capsys: pytest.Ca
         experiment.log("Model: ResNet-50", level="info")
         experiment.log("GPU memory low", level="warn")
         experiment.log("Failed to load", level="error")
-        experiment.log("Epoch completed", level="info", metadata={"epoch": 5, "train_loss": 0.234, "val_loss": 0.456})
+        experiment.log(
+            "Epoch completed", level="info", metadata={"epoch": 5, "train_loss": 0.234, "val_loss": 0.456}
+        )
         with pytest.raises(ZeroDivisionError):
             try:
                 _ = 1 / 0
             except Exception as e:
-                experiment.log(f"Operation failed: {e}", level="error", metadata={"error_type": type(e).__name__})
+                metadata = {"error_type": type(e).__name__}
+                experiment.log(f"Operation failed: {e}", level="error", metadata=metadata)
                 raise
     logs = read_jsonl(run_dir(root, "alice/logs/all") / "logs" / "logs.jsonl")
     assert [entry["level"] for entry in logs] == ["info", "info", "warn", "error", "info", "error"]
@@ -250,17 +267,23 @@ def test_logging_levels_metadata_and_error_tracking(root: str, capsys: pytest.Ca
 def test_grouped_metrics_prefixes_and_custom_groups(root: str) -> None:
     with Experiment(name="my-experiment", project="project", local_path=root).run as experiment:
         for epoch in range(10):
-            experiment.metrics.log(epoch=epoch, train=dict(loss=1 / (epoch + 1), accuracy=0.1 * epoch),
-                                   eval=dict(loss=2 / (epoch + 1), accuracy=0.05 * epoch))
+            experiment.metrics.log(
+                epoch=epoch,
+                train=dict(loss=1 / (epoch + 1), accuracy=0.1 * epoch),
+                eval=dict(loss=2 / (epoch + 1), accuracy=0.05 * epoch),
+            )
         experiment.metrics("train").log(loss=0.01, accuracy=0.99)
         experiment.metrics.log(epoch=10).flush()
-        experiment.metrics.log(step=100, train=dict(loss=0.5, accuracy=0.85), eval=dict(loss=0.6, accuracy=0.82),
-                               system=dict(gpu_memory=4.2, cpu_percent=45), lr=dict(value=0.001))
+        experiment.metrics.log(
+            step=100, train=dict(loss=0.5, accuracy=0.85), eval=dict(loss=0.6, accuracy=0.82),
+            system=dict(gpu_memory=4.2, cpu_percent=45), lr=dict(value=0.001),
+        )
         train = experiment.metrics("train").read(limit=100)["data"]
         system = experiment.metrics("system").read()["data"]
         names = {m["name"] for m in experiment.metrics.list_all()}
     assert len(train) == 12 and train[0]["data"]["epoch"] == 0 and train[0]["data"]["loss"] == 1.0
-    assert train[0]["data"]["_ts"] == experiment.metrics("eval").read()["data"][0]["data"]["_ts"], "one shared _ts"
+    first_eval = experiment.metrics("eval").read()["data"][0]
+    assert train[0]["data"]["_ts"] == first_eval["data"]["_ts"], "one shared _ts"
     assert system[0]["data"]["step"] == 100 and system[0]["data"]["gpu_memory"] == 4.2
     assert names == {None, "train", "eval", "system", "lr"}
     assert (run_dir(root, "project/my-experiment") / "metrics" / "train" / "data.jsonl").exists()
@@ -289,8 +312,10 @@ def test_batch_append_read_and_batch_collection(root: str) -> None:
             experiment.metrics("batched").append_batch(batch)
         assert experiment.metrics("batched").stats()["totalDataPoints"] == "1000"
         for epoch in range(10):
-            experiment.metrics("all_metrics").append(epoch=epoch, train_loss=0.5 / (epoch + 1), val_loss=0.6 / (epoch + 1),
-                                                     train_acc=0.8 + epoch * 0.01, val_acc=0.75 + epoch * 0.01)
+            experiment.metrics("all_metrics").append(
+                epoch=epoch, train_loss=0.5 / (epoch + 1), val_loss=0.6 / (epoch + 1),
+                train_acc=0.8 + epoch * 0.01, val_acc=0.75 + epoch * 0.01,
+            )
         last = experiment.metrics("all_metrics").append(epoch=10)
     assert last["index"] == 10
     points = read_jsonl(run_dir(root, "project/my-experiment") / "metrics" / "train_loss" / "data.jsonl")
@@ -303,7 +328,8 @@ def test_summary_cache_rolling_and_cumulative(root: str) -> None:
             for batch in range(4):
                 experiment.metrics("train").summary_cache.store(loss=float(epoch * 10 + batch))
             experiment.metrics("train").summary_cache.set(epoch=epoch)
-            assert experiment.metrics("train").summary_cache.peek("loss", limit=2) == {"loss": [epoch * 10 + 2.0, epoch * 10 + 3.0]}
+            last_two = {"loss": [epoch * 10 + 2.0, epoch * 10 + 3.0]}
+            assert experiment.metrics("train").summary_cache.peek("loss", limit=2) == last_two
             experiment.metrics("train").summary_cache.summarize()
         metric = experiment.metrics("cumulative")
         metric.summary_cache.store(x=1.0)
@@ -315,7 +341,8 @@ def test_summary_cache_rolling_and_cumulative(root: str) -> None:
     assert [(d["epoch"], d["loss.mean"], d["loss.min"], d["loss.max"], d["loss.count"]) for d in train] == [
         (0, 1.5, 0.0, 3.0, 4), (1, 11.5, 10.0, 13.0, 4), (2, 21.5, 20.0, 23.0, 4)]
     assert train[0]["loss.std"] == pytest.approx(np.std([0, 1, 2, 3], ddof=1))
-    assert [d["x.count"] for d in cumulative] == [1, 2] and cumulative[1]["x.mean"] == 2.0 and "y.mean" not in cumulative[1]
+    assert [d["x.count"] for d in cumulative] == [1, 2]
+    assert cumulative[1]["x.mean"] == 2.0 and "y.mean" not in cumulative[1]
 
 
 def test_metric_buffer_log_summary_aggregations(root: str) -> None:
@@ -330,8 +357,9 @@ def test_metric_buffer_log_summary_aggregations(root: str) -> None:
             experiment.metrics.buffer.log_summary("mode")
         train = experiment.metrics("train").read()["data"][0]["data"]
         ev = experiment.metrics("eval").read()["data"][0]["data"]
-    assert train["step"] == 7 and train["loss.mean"] == 2.5 and train["loss.sum"] == 10.0 and train["loss.count"] == 4
-    assert train["loss.median"] == train["loss.p50"] == 2.5 and train["loss.first"] == 1.0 and train["loss.last"] == 4.0
+    assert (train["step"], train["loss.mean"], train["loss.sum"], train["loss.count"]) == (7, 2.5, 10.0, 4)
+    assert train["loss.median"] == train["loss.p50"] == 2.5
+    assert (train["loss.first"], train["loss.last"]) == (1.0, 4.0)
     assert train["loss.p90"] == pytest.approx(3.7) and ev["loss.max"] == 9.0
 
 
@@ -349,10 +377,12 @@ def test_training_loop_example(root: str) -> None:
             experiment.metrics("train").log(loss=train_loss, accuracy=val_accuracy)
             experiment.metrics("eval").log(loss=val_loss, accuracy=val_accuracy)
             experiment.metrics.flush()
-            experiment.log(f"Epoch {epoch + 1}/10 complete", metadata={"train_loss": train_loss, "val_loss": val_loss})
+            losses = {"train_loss": train_loss, "val_loss": val_loss}
+            experiment.log(f"Epoch {epoch + 1}/10 complete", metadata=losses)
         experiment.log("Training complete")
     run = run_dir(root, "cv/mnist-training")
     assert len(read_jsonl(run / "metrics" / "train" / "data.jsonl")) == 10
-    assert [p["data"]["epoch"] for p in read_jsonl(run / "metrics" / "None" / "data.jsonl")] == list(range(1, 11))
+    unnamed = read_jsonl(run / "metrics" / "None" / "data.jsonl")
+    assert [p["data"]["epoch"] for p in unnamed] == list(range(1, 11))
     assert len(read_jsonl(run / "logs" / "logs.jsonl")) == 12
     assert read_json(run / "experiment.json")["status"] == "completed"
