@@ -44,6 +44,8 @@ def write(exp: Experiment, message: str, level: str, metadata: Mapping[str, Any]
 class LogBuilder:
     """``exp.logs``: one method per level, extra keyword arguments become metadata."""
 
+    __slots__ = ("_exp",)
+
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
 

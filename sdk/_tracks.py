@@ -9,6 +9,8 @@ from dashcar.proto import Kind, track_dir_name
 
 from . import _read
 
+MISSING_TS: Final = "a track entry needs its timestamp: pass _ts=<seconds>, e.g. append(q=..., _ts=t) (a finite number)"
+
 _TRACK: Final = int(Kind.TRACK)
 """A plain int: enum member lookups cost more than the rest of a call's bookkeeping."""
 
@@ -34,11 +36,15 @@ class TrackBuilder:
         return self._topic
 
     def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
-        """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one)."""
+        """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one).
+
+        A field named ``timestamp`` raises ``ValueError``: ML-Dash 0.11 lets it silently replace
+        the row's ``_ts``, so the entry lands at another time.
+        """
         if "timestamp" in fields:
-            raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
+            raise ValueError(f"track {self._topic!r}: 'timestamp' is the row's own key, written from _ts; rename the field")
         if _ts is _MISSING:
-            raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
+            raise ValueError(f"tracks({self._topic!r}).append: {MISSING_TS}")
         self._emit(_TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
         return self
 
@@ -65,6 +71,8 @@ class TrackBuilder:
 class TracksManager:
     """``exp.tracks``: call it for a topic; ``flush()`` settles every topic; ``list()`` lists them."""
 
+    __slots__ = ("_exp", "_builders", "_dirs")
+
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
         self._builders: dict[str, TrackBuilder] = {}
@@ -73,6 +81,8 @@ class TracksManager:
     def __call__(self, topic: str, description: str | None = None, tags: list[str] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> TrackBuilder:
         builder = self._builders.get(topic)
+        if builder is not None and description is None and tags is None and metadata is None:
+            return builder
         if builder is None:
             folder = track_dir_name(topic)
             other = self._dirs.get(folder)

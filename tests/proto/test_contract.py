@@ -27,8 +27,9 @@ def test_error_tree_drawing_names_every_error() -> None:
 def test_exported_members() -> None:
     assert set(dashcar.__all__) == {
         "BufferManager", "ConfigError", "DashcarError", "Experiment", "InvalidName", "LogBuilder", "MetricBuilder",
-        "MetricsManager", "ParamsBuilder", "RunContext", "Series", "Session", "SummaryCache", "TrackBuilder",
-        "TrackSlice", "TracksManager", "__version__",
+        "MetricsManager", "ParametersBuilder", "ParamsBuilder", "RUN", "RunConfig", "RunContext", "Series", "Session",
+        "SummaryCache", "TrackBuilder", "TrackSlice", "TracksManager", "__version__", "dashcar_experiment",
+        "ml_dash_experiment",
     }
     for name in proto.__all__:
         assert getattr(proto, name) is not None
@@ -39,3 +40,4 @@ def test_names_never_escape_the_run_directory() -> None:
     assert run == "/data/alice/p/r"
     assert proto.track_dir_name("robot/state") == "robot_state"
     assert proto.metric_dir_parts("eval/top1") == ("eval", "top1")
+    assert proto.metric_dir_parts(None) == ("None",), "the unnamed metric's folder, as ML-Dash reads it"
