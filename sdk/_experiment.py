@@ -110,7 +110,7 @@ class Experiment:
                 UserWarning, stacklevel=2,
             )
         self._open = False
-        self._prefix: str | None = None
+        self._prefix = ""
         self._transport: _transport.Transport | None = None
         root = dash_root if dash_root is not None else (local_path if local_path is not None else ".dash")
         self._dash_root: str = os.path.normpath(os.path.abspath(os.fspath(root)))
@@ -137,12 +137,9 @@ class Experiment:
     @property
     def prefix(self) -> str:
         """``owner/project/.../name``; setting it is setting ``exp.run.prefix``."""
-        p = self._prefix
-        if p is None:
+        if not self._prefix:
             self.run.prefix = RUN.prefix
-            p = self._prefix
-            assert p is not None
-        return p
+        return self._prefix
 
     @prefix.setter
     def prefix(self, value: str) -> None:
@@ -329,7 +326,7 @@ class Experiment:
             _open_experiments.discard(self)
 
     def __repr__(self) -> str:
-        return f"Experiment(prefix={self._prefix or '(derived at start)'!r}, dash_root={self._dash_root!r})"
+        return f"Experiment(prefix={self._prefix or '(derived when first needed)'!r}, dash_root={self._dash_root!r})"
 
 
 def exit_status() -> tuple[str, str | None]:

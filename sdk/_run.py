@@ -126,6 +126,14 @@ class RunConfig:
     """
 
     __slots__ = ("_user", "_project", "_prefix", "_job_name", "_job_counter", "_now", "_entry", "_project_root")
+    _user: str | None
+    _project: str | None
+    _prefix: str | None
+    _job_name: str | None
+    _job_counter: int
+    _now: datetime | None
+    _entry: str | None
+    _project_root: str | None
 
     def __init__(self) -> None:
         for slot in self.__slots__:
@@ -178,7 +186,7 @@ class RunConfig:
     @property
     def job_counter(self) -> int:
         """The ``{job_counter}`` the next run gets; every new Experiment adds one."""
-        return self._job_counter  # type: ignore[no-any-return]
+        return self._job_counter
 
     @job_counter.setter
     def job_counter(self, value: int) -> None:
@@ -200,7 +208,7 @@ class RunConfig:
     @property
     def entry(self) -> str | None:
         """The script ``{path_stem}`` names; None means each run's creator (``RUN.entry = __file__``)."""
-        return self._entry  # type: ignore[no-any-return]
+        return self._entry
 
     @entry.setter
     def entry(self, value: str | os.PathLike[str] | None) -> None:
@@ -209,7 +217,7 @@ class RunConfig:
     @property
     def project_root(self) -> str | None:
         """Where ``{path_stem}`` is relative to; None searches up from the entry for pyproject.toml & co."""
-        return self._project_root  # type: ignore[no-any-return]
+        return self._project_root
 
     @project_root.setter
     def project_root(self, value: str | os.PathLike[str] | None) -> None:
@@ -282,6 +290,13 @@ class RunContext:
     """
 
     __slots__ = ("_exp", "_job_counter", "_id", "_now", "_user", "_caller", "_stem")
+    _exp: Experiment
+    _job_counter: int
+    _id: int | None
+    _now: datetime | None
+    _user: str | None
+    _caller: str | None
+    _stem: str | None
 
     def __init__(self, exp: Experiment) -> None:
         object.__setattr__(self, "_exp", exp)
@@ -337,14 +352,16 @@ class RunContext:
         """The run's snowflake id, made on first use (or by ``{EXP.id}``) and then fixed."""
         if self._id is None:
             object.__setattr__(self, "_id", new_run_id())
-        return self._id  # type: ignore[no-any-return]
+        assert self._id is not None
+        return self._id
 
     @property
     def now(self) -> datetime:
         """``RUN.now`` as this run first read it."""
         if self._now is None:
             object.__setattr__(self, "_now", RUN.now)
-        return self._now  # type: ignore[no-any-return]
+        assert self._now is not None
+        return self._now
 
     @property
     def date(self) -> str:
@@ -359,32 +376,34 @@ class RunContext:
     @property
     def job_counter(self) -> int:
         """This run's ``{job_counter}``: how many Experiments this process made before it."""
-        return self._job_counter  # type: ignore[no-any-return]
+        return self._job_counter
 
     @property
     def user(self) -> str:
         """``RUN.user`` as this run first read it."""
         if self._user is None:
             object.__setattr__(self, "_user", RUN.user)
-        return self._user  # type: ignore[no-any-return]
+        assert self._user is not None
+        return self._user
 
     @property
     def entry(self) -> str | None:
         """The script ``{path_stem}`` names: ``RUN.entry``, else the file that made this run."""
-        return RUN.entry if RUN.entry is not None else self._caller  # type: ignore[no-any-return]
+        return RUN.entry if RUN.entry is not None else self._caller
 
     @property
     def path_stem(self) -> str:
         """``entry`` relative to its project root, without extension (``interactive`` if no file)."""
         if self._stem is None:
             object.__setattr__(self, "_stem", path_stem(self.entry, RUN.project_root))
-        return self._stem  # type: ignore[no-any-return]
+        assert self._stem is not None
+        return self._stem
 
     def _field(self, key: str, depth: int) -> object:
         """One template field; the prefix-derived ones come from the prefix set so far."""
         if key not in TEMPLATE_FIELDS:
             raise ValueError(f"unknown field {key!r}; fields are {', '.join(TEMPLATE_FIELDS)} (also as EXP.<field>)")
-        current = self._exp._prefix
+        current = self._exp._prefix or None
         if key in ("name", "owner") or (key == "project" and current is not None):
             if current is None:
                 raise ValueError(f"{{EXP.{key}}} comes from the run's current prefix, and it has none yet; "
@@ -433,4 +452,4 @@ class RunContext:
         return wrapper
 
     def __repr__(self) -> str:
-        return f"<run {self._exp._prefix or '(prefix derived at start)'}>"
+        return f"<run {self._exp._prefix or '(prefix derived when first needed)'}>"
