@@ -7,7 +7,7 @@ attribute of the run, spelled ``{field}`` or ``{EXP.field}``, with an optional f
     {EXP.name}      the last part of the run's current prefix (none before a prefix is set)
     {EXP.owner}     first part; {EXP.project}: second part, or RUN.project before a prefix
     {EXP.date}      RUN.now as YYYYMMDD; {EXP.datetime_str}: YYYYMMDD.HHMMSS
-    {now:%Y-%m-%d}  RUN.now with any strftime format (RUN.now: when dashcar.run was imported)
+    {now:%Y-%m-%d}  RUN.now with any strftime format (RUN.now: when dashcar was imported)
     {job_counter}   how many Experiments this process made before this one (the first gets 0)
     {user}, {job_name}, {path_stem}   RUN.user, RUN.job_name, the entry script's path stem
 
@@ -196,7 +196,7 @@ class RunConfig:
 
     @property
     def now(self) -> datetime:
-        """The session's time for ``{now:...}`` and ``{EXP.date}``: when ``dashcar.run`` was imported."""
+        """The session's time for ``{now:...}`` and ``{EXP.date}``: when ``dashcar`` was imported."""
         return self._now if self._now is not None else datetime.fromtimestamp(_IMPORTED_AT)
 
     @now.setter
