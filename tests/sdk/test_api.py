@@ -113,8 +113,10 @@ def test_unknown_read_format_is_a_clear_error(agent: AgentHandle) -> None:
             exp.tracks("t").read(format="csv")
 
 
-def test_import_stays_light() -> None:
-    code = "import sys, dashcar; print(sorted(m for m in ('lmdb', 'pyarrow', 'anyio') if m in sys.modules))"
+@pytest.mark.parametrize("module", ["dashcar", "dashcar.auto_start", "dashcar.run", "dashcar.params"])
+def test_import_stays_light(module: str) -> None:
+    heavy = ("lmdb", "pyarrow", "anyio", "numpy", "orjson", "params_proto", "ml_dash")
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -182,7 +182,7 @@ def test_the_same_script_writes_the_same_run_through_ml_dash_and_dashcar(agent: 
         if name.endswith(".jsonl"):
             theirs_rows, ours_rows = read_jsonl(theirs_path), read_jsonl(ours_path)
             assert len(ours_rows) == len(theirs_rows), name
-            for i, (t, o) in enumerate(zip(theirs_rows, ours_rows)):
+            for i, (t, o) in enumerate(zip(theirs_rows, ours_rows, strict=True)):
                 _same_content(f"{name}:{i + 1}", t, o)
         elif name.endswith(".json"):
             _same_content(name, json.loads(theirs_path.read_text()), json.loads(ours_path.read_text()))

@@ -130,9 +130,9 @@ def test_the_run_object_says_what_can_be_set(tmp_path: Path) -> None:
     with pytest.raises(AttributeError, match=r"only exp.run.prefix can be set"):
         exp.run.prefx = "alice/proj/typo"
     with pytest.raises(AttributeError, match=r"exp.run.name is read-only; set exp.run.prefix"):
-        exp.run.name = "other"
+        exp.run.name = "other"  # type: ignore[misc]
     with pytest.raises(AttributeError, match=r"RUN has no setting 'prefx'; the settings are user, project, prefix"):
-        RUN.prefx = "x"  # type: ignore[attr-defined]
+        RUN.prefx = "x"
     with pytest.raises(AttributeError):
         Session(name="s", workspace="w", local_path=tmp_path).nmae = "x"  # type: ignore[attr-defined]
     exp.run.prefix = "alice/proj/fixed"
