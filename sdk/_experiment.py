@@ -53,7 +53,7 @@ def check_ts(ts: object) -> float:
     elif ts is _MISSING:
         raise ValueError(MISSING_TS)
     elif t is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
-        value = float(ts)  # type: ignore[arg-type]
+        value = float(ts)
         if math.isfinite(value):
             return value
     raise ValueError(f"_ts must be a finite number of seconds (not a bool, str, NaN or inf), got {ts!r}; "

@@ -26,7 +26,7 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -74,8 +74,7 @@ def _caller_file() -> str | None:
 
 def find_project_root(entry: str) -> str:
     """The nearest directory above ``entry`` holding a project file (pyproject.toml, ...), else the cwd."""
-    start = os.path.dirname(os.path.abspath(entry))
-    d = start
+    d = os.path.dirname(os.path.abspath(entry))
     while True:
         if any(os.path.exists(os.path.join(d, name)) for name in PROJECT_ROOT_FILES):
             return d
@@ -96,7 +95,8 @@ def path_stem(entry: str | None, project_root: str | None) -> str:
     return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
-def _user_from(environ: os._Environ[str] | dict[str, str]) -> str:
+def _user_from(environ: Mapping[str, str]) -> str:
+    """``$ML_DASH_USER``, else ``$USER``, else the login name, as ML-Dash resolves ``RUN.user``."""
     name = environ.get("ML_DASH_USER") or environ.get("USER")
     if name:
         return name
