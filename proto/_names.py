@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Final
 
 from ._constants import MAX_NAME_BYTES, MAX_NAME_PARTS
 from ._errors import InvalidName
@@ -49,10 +50,19 @@ def track_dir_name(topic: object) -> str:
     return "_".join(split_name(topic, "track topic"))
 
 
+UNNAMED_METRIC_DIR: Final = "None"
+"""Folder of the unnamed metric (``exp.metrics.log(...)``), where ML-Dash's reader looks for it."""
+
+
 def metric_dir_parts(name: object) -> tuple[str, ...]:
-    """Path parts of a metric directory under ``metrics/``; ``None`` is the unnamed metric."""
+    """Path parts of a metric directory under ``metrics/``; ``None`` is the unnamed metric.
+
+    The name ``"None"`` is refused: it would share the unnamed metric's folder.
+    """
     if name is None:
-        return ("None",)
+        return (UNNAMED_METRIC_DIR,)
+    if name == UNNAMED_METRIC_DIR:
+        raise InvalidName("metric name 'None' is the folder of the unnamed metric (exp.metrics.log(...)); choose another")
     return split_name(name, "metric name")
 
 

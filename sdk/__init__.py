@@ -11,14 +11,19 @@ from dashcar.proto import DashcarError as DashcarError
 from dashcar.proto import InvalidName as InvalidName
 
 from ._experiment import Experiment as Experiment
-from ._experiment import RunContext as RunContext
+from ._experiment import dashcar_experiment as dashcar_experiment
+from ._experiment import ml_dash_experiment as ml_dash_experiment
 from ._logs import LogBuilder as LogBuilder
 from ._metrics import BufferManager as BufferManager
 from ._metrics import MetricsManager as MetricsManager
 from ._metrics import Series as Series
 from ._metrics import SummaryCache as SummaryCache
+from ._params import ParametersBuilder as ParametersBuilder
 from ._params import ParamsBuilder as ParamsBuilder
 from ._read import TrackSlice as TrackSlice
+from ._run import RUN as RUN
+from ._run import RunConfig as RunConfig
+from ._run import RunContext as RunContext
 from ._session import Session as Session
 from ._tracks import TrackBuilder as TrackBuilder
 from ._tracks import TracksManager as TracksManager
@@ -36,7 +41,10 @@ __all__ = [
     "LogBuilder",
     "MetricBuilder",
     "MetricsManager",
+    "ParametersBuilder",
     "ParamsBuilder",
+    "RUN",
+    "RunConfig",
     "RunContext",
     "Series",
     "Session",
@@ -45,4 +53,6 @@ __all__ = [
     "TrackSlice",
     "TracksManager",
     "__version__",
+    "dashcar_experiment",
+    "ml_dash_experiment",
 ]

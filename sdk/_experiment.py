@@ -9,30 +9,34 @@ most what had not yet left that queue, and the agent counts it.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from dashcar.proto import Kind, check_prefix, runtime_dir
 
 from . import _agent, _logs, _transport
 from ._metrics import MetricsManager
 from ._params import ParamsBuilder
-from ._tracks import TracksManager
+from ._run import RUN, RunContext, resolve_template, split_prefix
+from ._tracks import MISSING_TS, TracksManager
+
+R = TypeVar("R")
 
 log = logging.getLogger("dashcar")
 
 FLUSH_TIMEOUT_S = 5.0
 FLUSH_RESEND_S = 1.0
 """A barrier not confirmed within this long is sent again (the agent may have restarted)."""
-_MISSING: object = object()
+_MISSING: Any = object()
 
 
 _isfinite = math.isfinite
@@ -40,49 +44,20 @@ _isfinite = math.isfinite
 
 def check_ts(ts: object) -> float:
     """Validate a track timestamp: a finite real number, not a bool; else ``ValueError``."""
-    if type(ts) is float:
-        if math.isfinite(ts):
-            return ts
-    elif type(ts) is int:
-        return float(ts)
+    t = type(ts)
+    if t is float:
+        if math.isfinite(ts):  # type: ignore[arg-type]
+            return ts  # type: ignore[return-value]
+    elif t is int:
+        return float(ts)  # type: ignore[arg-type]
     elif ts is _MISSING:
-        raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
-    elif type(ts) is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
+        raise ValueError(MISSING_TS)
+    elif t is not bool and hasattr(ts, "__float__") and not isinstance(ts, (str, bytes)):
         value = float(ts)
         if math.isfinite(value):
             return value
-    raise ValueError(f"_ts must be a finite number (not bool, NaN or inf), got {ts!r}")
-
-
-class RunContext:
-    """``exp.run``: a context manager plus ``start/complete/fail/cancel``."""
-
-    def __init__(self, exp: Experiment) -> None:
-        self._exp = exp
-
-    def start(self) -> Experiment:
-        """Open the run (idempotent) and return the experiment."""
-        return self._exp.start()
-
-    def complete(self) -> None:
-        """Close the run as completed."""
-        self._exp.complete()
-
-    def fail(self, reason: str | None = None) -> None:
-        """Close the run as failed."""
-        self._exp.fail(reason)
-
-    def cancel(self) -> None:
-        """Close the run as cancelled."""
-        self._exp.cancel()
-
-    def __enter__(self) -> Experiment:
-        return self._exp.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._exp._close_for(ev)
+    raise ValueError(f"_ts must be a finite number of seconds (not a bool, str, NaN or inf), got {ts!r}; "
+                     "pass it as a number, e.g. append(q=..., _ts=t)")
 
 
 _open_experiments: set[Experiment] = set()
@@ -92,9 +67,11 @@ _open_lock = threading.Lock()
 class Experiment:
     """One run: ``Experiment(prefix="owner/project/name", dash_root=".dash")``.
 
-    The seed spelling ``Experiment(name=..., project=..., local_path=...)`` stores the run at
-    ``<local_path>/<project>/<name>``. Logging never blocks: frames go to the local agent,
-    which stores them durably and writes the ML-Dash layout under ``dash_root``.
+    The prefix may hold template fields (``{EXP.name}``, ``{now:%Y-%m-%d}``, ...: see ``RUN``);
+    without one it is derived from ``RUN.prefix`` when the run first needs it. The seed spelling
+    ``Experiment(name=..., project=..., local_path=...)`` stores the run at ``<project>/<name>``.
+    ``readme`` (ML-Dash 0.11) and ``description`` are the same field. Logging never blocks:
+    frames go to the local agent, which writes the ML-Dash layout under ``dash_root``.
 
     ``coalesce_ms`` (default ``$DASHCAR_COALESCE_MS`` or 0, at most 100) sends frames in
     groups: a call then usually only packs its frame, and a group leaves once its oldest frame
@@ -103,60 +80,116 @@ class Experiment:
     killed are lost, and counted as such by the agent.
     """
 
+    __slots__ = (
+        "_prefix", "_dash_root", "description", "tags", "metadata", "echo_logs", "_runtime_dir_arg", "_runtime_dir",
+        "_transport", "_owner_pid", "_open", "_tls", "_coalesce_ms", "run", "params", "metrics", "tracks", "logs",
+    )
+
     def __init__(
         self,
         prefix: str | None = None,
         *,
-        dash_root: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        project: str | None = None,
-        local_path: str | os.PathLike[str] | None = None,
+        readme: str | None = None,
         description: str | None = None,
         tags: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        dash_root: str | os.PathLike[str] | None = None,
+        dash_url: str | bool | None = None,
+        name: str | None = None,
+        project: str | None = None,
+        local_path: str | os.PathLike[str] | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
         echo_logs: bool | None = None,
         coalesce_ms: float | None = None,
     ) -> None:
-        if prefix is None:
-            if name is None:
-                raise ValueError(
-                    "Experiment needs prefix='owner/project/name' or name=... (with project=...)"
-                )
-            owner_project = project if project is not None else f"{_user()}/scratch"
-            prefix = f"{owner_project}/{name}"
-        self.prefix: str = check_prefix(prefix.strip("/"))
-        parts = self.prefix.split("/")
-        self.name = parts[-1]
-        self.project = parts[1] if len(parts) > 2 else parts[0]
+        if readme is not None and description is not None and readme != description:
+            raise ValueError("readme= and description= are the same field; pass one of them")
+        if dash_url:
+            warnings.warn(
+                f"dash_url={dash_url!r} is ignored: dashcar writes the run under dash_root through the local agent",
+                UserWarning, stacklevel=2,
+            )
+        self._open = False
+        self._prefix = ""
+        self._transport: _transport.Transport | None = None
         root = dash_root if dash_root is not None else (local_path if local_path is not None else ".dash")
-        self.dash_root: str = os.path.normpath(os.path.abspath(os.fspath(root)))
-        self.description = description
+        self._dash_root: str = os.path.normpath(os.path.abspath(os.fspath(root)))
+        self.description = readme if readme is not None else description
         self.tags = list(tags) if tags else []
         self.metadata = dict(metadata) if metadata else None
         self._runtime_dir_arg = runtime_dir
         self._runtime_dir: Path | None = None
-        self._transport: _transport.Transport | None = None
         self._owner_pid = 0
-        self._open = False
         self._tls = threading.local()
         self.echo_logs = echo_logs if echo_logs is not None else os.environ.get("DASHCAR_ECHO", "1") != "0"
         self._coalesce_ms = _transport.check_coalesce_ms(coalesce_ms) if coalesce_ms is not None else None
         self.run = RunContext(self)
+        if prefix is not None:
+            self.run.prefix = prefix
+        elif name is not None:
+            owner_project = project if project is not None else resolve_template(RUN.project, self.run)
+            self.run.prefix = f"{owner_project}/{name}"
         self.params = ParamsBuilder(self)
         self.metrics = MetricsManager(self)
         self.tracks = TracksManager(self)
         self.logs = _logs.LogBuilder(self)
 
     @property
+    def prefix(self) -> str:
+        """``owner/project/.../name``; setting it is setting ``exp.run.prefix``."""
+        if not self._prefix:
+            self.run.prefix = RUN.prefix
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, value: str) -> None:
+        self.run.prefix = value
+
+    def _set_prefix(self, prefix: str) -> None:
+        """Take a resolved prefix (validated here); a closed run reopens under it on the next call."""
+        self._prefix = check_prefix(prefix.strip("/"))
+        if not self._open:
+            self._transport = None
+
+    @property
+    def name(self) -> str:
+        """The last part of the prefix."""
+        return split_prefix(self.prefix)[2]
+
+    @property
+    def project(self) -> str:
+        """The second part of the prefix (the first of a two-part ``workspace/name``)."""
+        return split_prefix(self.prefix)[1]
+
+    @property
+    def owner(self) -> str | None:
+        """The first part of the prefix."""
+        return split_prefix(self.prefix)[0]
+
+    @property
+    def readme(self) -> str | None:
+        """ML-Dash 0.11's name for ``description``."""
+        return self.description
+
+    @readme.setter
+    def readme(self, value: str | None) -> None:
+        self.description = value
+
+    @property
+    def dash_root(self) -> str:
+        """The absolute data root the run is written under."""
+        return self._dash_root
+
+    @property
     def run_dir(self) -> Path:
         """Where the agent writes this run's files."""
-        return Path(self.dash_root, *self.prefix.split("/"))
+        return Path(self._dash_root, *self.prefix.split("/"))
 
     def start(self) -> Experiment:
         """Find (or spawn) the agent and open the run; logging before this opens it implicitly."""
         if self._open:
             return self
+        prefix = self.prefix
         env = os.environ
         rd = Path(self._runtime_dir_arg) if self._runtime_dir_arg is not None else runtime_dir(env)
         self._runtime_dir = rd
@@ -171,10 +204,11 @@ class Experiment:
             if not _open_experiments:
                 atexit.register(_close_at_exit)
             _open_experiments.add(self)
+        _owner, project, name = split_prefix(prefix)
         info = {
-            "name": self.name,
-            "project": self.project,
-            "prefix": self.prefix,
+            "name": name,
+            "project": project,
+            "prefix": prefix,
             "description": self.description,
             "tags": self.tags,
             "metadata": self.metadata,
@@ -198,9 +232,7 @@ class Experiment:
         """Close the run as cancelled."""
         self._close("cancelled", None)
 
-    def log(
-        self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any
-    ) -> Experiment:
+    def log(self, message: str, level: str = "info", metadata: Mapping[str, Any] | None = None, **extra: Any) -> Experiment:
         """Write one log line; ``level`` is one of debug, info, warn, error, fatal."""
         _logs.write(self, message, level, metadata, extra)
         return self
@@ -226,16 +258,15 @@ class Experiment:
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if before is not None:
-                p.send(before[0], self.dash_root, self.prefix, before[1], wait_s=left)
-            seq = p.send(Kind.FLUSH, self.dash_root, self.prefix, (t.dropped(),), wait_s=left)
+                p.send(before[0], self._dash_root, self._prefix, before[1], wait_s=left)
+            seq = p.send(Kind.FLUSH, self._dash_root, self._prefix, (t.dropped(),), wait_s=left)
             if seq == 0:
                 break
             wait_s = max(0.05, min(FLUSH_RESEND_S, deadline - time.monotonic()))
-            wait = {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}
-            reply = _agent.request(self._runtime_dir, wait, wait_s + 0.5)
+            reply = _agent.request(self._runtime_dir, {"op": "wait", "sid": p.sid, "seq": seq, "timeout_s": wait_s}, wait_s + 0.5)
             if reply is not None and reply.get("ok"):
                 return True
-        log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self.prefix, timeout_s)
+        log.warning("dashcar: flush of %s not confirmed by the agent within %.1f s", self._prefix, timeout_s)
         return False
 
     def _barrier(self) -> None:
@@ -243,7 +274,7 @@ class Experiment:
         if self._open and self._runtime_dir is not None and _agent.agent_running(self._runtime_dir):
             self.flush()
 
-    def _resolve_ts(self, ts: object) -> float:
+    def _resolve_ts(self, ts: Any) -> float:
         if type(ts) is float and ts != -1.0 and _isfinite(ts):
             self._tls.last_ts = ts
             return ts
@@ -271,7 +302,7 @@ class Experiment:
         t = self._transport
         if t is None or t.stale:
             t = self._live_transport()
-        return t.producer().send(kind, self.dash_root, self.prefix, payload)
+        return t.producer().send(kind, self._dash_root, self._prefix, payload)
 
     def _close_for(self, exc: BaseException | None) -> None:
         if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
@@ -289,29 +320,61 @@ class Experiment:
         if wait:
             self._flush(FLUSH_TIMEOUT_S, before=close)
         elif close is not None:
-            t.producer().send(close[0], self.dash_root, self.prefix, close[1])
+            t.producer().send(close[0], self._dash_root, self._prefix, close[1])
         self._open = False
         with _open_lock:
             _open_experiments.discard(self)
 
     def __repr__(self) -> str:
-        return f"Experiment(prefix={self.prefix!r}, dash_root={self.dash_root!r})"
+        return f"Experiment(prefix={self._prefix or '(derived when first needed)'!r}, dash_root={self._dash_root!r})"
+
+
+def exit_status() -> tuple[str, str | None]:
+    """How the interpreter is ending, for runs still open: ``(status, reason)``.
+
+    An exception the interpreter printed as unhandled (``sys.last_value``) fails the run, and
+    Ctrl-C cancels it; a normal end completes it. ML-Dash 0.11 completes it in every case. An
+    interactive session that went on after an error ends normally. A ``sys.exit(n)`` outside
+    a ``with`` block cannot be told apart from a normal end: exit codes never reach atexit.
+    """
+    exc = getattr(sys, "last_value", None)
+    if exc is None or hasattr(sys, "ps1"):
+        return "completed", None
+    if isinstance(exc, KeyboardInterrupt):
+        return "cancelled", "KeyboardInterrupt"
+    return "failed", f"{type(exc).__name__}: {exc}"
 
 
 def _close_at_exit() -> None:
-    """Close runs left open at interpreter exit: failed if an exception is ending it.
+    """Close runs left open at interpreter exit with the status ``exit_status`` gives.
 
     No barrier here: the frames leave within the socket linger, and exit must not wait on an agent.
     """
     with _open_lock:
         pending = [e for e in _open_experiments if e._owner_pid == os.getpid()]
-    failed = getattr(sys, "last_value", None)
+    status, reason = exit_status()
     for exp in pending:
-        if failed is not None:
-            exp._close("failed", f"{type(failed).__name__}: {failed}", wait=False)
-        else:
-            exp._close("completed", None, wait=False)
+        exp._close(status, reason, wait=False)
 
 
-def _user() -> str:
-    return os.environ.get("USER") or os.environ.get("LOGNAME") or "local"
+def dashcar_experiment(prefix: str | None = None, **options: Any) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Decorator: each call runs the function in a new run, passed as ``experiment=``.
+
+    ``@dashcar_experiment(prefix="alice/project/exp", dash_root=".dash")`` takes the arguments
+    of ``Experiment``; the run completes when the function returns and fails if it raises.
+    ``ml_dash_experiment`` is the same decorator under ML-Dash's name.
+    """
+
+    def decorator(func: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> R:
+            with Experiment(prefix, **options).run as experiment:
+                kwargs["experiment"] = experiment
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+ml_dash_experiment = dashcar_experiment

@@ -46,6 +46,8 @@ def write(
 class LogBuilder:
     """``exp.logs``: one method per level, extra keyword arguments become metadata."""
 
+    __slots__ = ("_exp",)
+
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
 

@@ -90,6 +90,8 @@ def _as_float(key: str, value: object) -> float:
 class SummaryCache:
     """Collect values per batch, then log ``k.mean/min/max/std/count`` once per epoch."""
 
+    __slots__ = ("_series", "_buffer", "_context")
+
     def __init__(self, series: Series) -> None:
         self._series = series
         self._buffer: dict[str, list[float]] = defaultdict(list)
@@ -121,6 +123,8 @@ class SummaryCache:
 
 class BufferManager:
     """``exp.metrics.buffer``: values buffered by ``metrics("x").buffer(...)``, logged by ``log_summary``."""
+
+    __slots__ = ("_manager", "_buffers")
 
     def __init__(self, manager: MetricsManager) -> None:
         self._manager = manager
@@ -157,6 +161,8 @@ class BufferManager:
 
 class Series:
     """One index-based series; ``exp.metrics("train")`` or ``session.track("loss")``."""
+
+    __slots__ = ("_exp", "_name", "_folder", "_manager", "_next_index", "_cache")
 
     def __init__(self, exp: Experiment, name: str | None, folder: str, manager: MetricsManager | None = None,
                  description: str | None = None, tags: list[str] | None = None,
@@ -279,13 +285,20 @@ def series_in(
     s = cache.get(name)
     if s is None:
         s = cache[name] = Series(exp, name, folder, manager, description, tags, metadata)
-    else:
+    elif description is not None or tags is not None or metadata is not None:
         s.describe(description, tags, metadata)
     return s
 
 
 class MetricsManager:
-    """``exp.metrics``: call it for a named metric; ``log`` writes to the unnamed one."""
+    """``exp.metrics``: call it for a named metric; ``log`` writes to the unnamed one.
+
+    The unnamed metric lives in ``metrics/None/`` with ``"name": null``, where ML-Dash's reader
+    looks for it; a metric literally named ``"None"`` is refused, since ML-Dash would silently
+    mix its points into the unnamed one.
+    """
+
+    __slots__ = ("_exp", "_series", "buffer")
 
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dashcar.proto import Kind
@@ -24,7 +25,12 @@ def _class_to_dict(value: object) -> object:
 
 
 class ParamsBuilder:
-    """Parameters: nested dicts are flattened with dots and merged across calls by the agent."""
+    """Parameters: nested dicts are flattened with dots and merged across calls by the agent.
+
+    ``ParametersBuilder`` is the same class under ML-Dash's name.
+    """
+
+    __slots__ = ("_exp",)
 
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
@@ -45,3 +51,26 @@ class ParamsBuilder:
         """The run's parameters after everything sent so far is written."""
         self._exp._barrier()
         return _read.read_params(self._exp.run_dir, flatten)
+
+    @staticmethod
+    def flatten_dict(d: Mapping[str, Any], parent_key: str = "", sep: str = ".") -> dict[str, Any]:
+        """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: the keys ``set(**d)`` stores.
+
+        An empty nested dict stays a ``{}`` value, as the agent stores it (ML-Dash drops it).
+        """
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{parent_key}{sep}{key}" if parent_key else key
+            if isinstance(value, dict) and value:
+                out.update(ParamsBuilder.flatten_dict(value, name, sep))
+            else:
+                out[name] = value
+        return out
+
+    @staticmethod
+    def unflatten_dict(d: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+        """``{"a.b": 1}`` → ``{"a": {"b": 1}}``, what ``get(flatten=False)`` returns."""
+        return _read.unflatten(d, sep)
+
+
+ParametersBuilder = ParamsBuilder

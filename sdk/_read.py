@@ -11,7 +11,7 @@ import bisect
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
     """``{"a.b": 1}`` → ``{"a": {"b": 1}}``."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.split(sep)
         for part in parents:
             child = node.get(part)
             if not isinstance(child, dict):

@@ -19,6 +19,8 @@ from ._params import ParamsBuilder
 class Session:
     """``with Session(name="demo", workspace="test", local_path="./data") as session: ...``"""
 
+    __slots__ = ("name", "workspace", "_exp", "_tracks")
+
     def __init__(
         self,
         name: str,

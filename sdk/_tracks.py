@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal, overload
+from typing import TYPE_CHECKING, Any, Final
 
 from dashcar.proto import Kind, track_dir_name
 
 from . import _read
+
+MISSING_TS: Final = "a track entry needs its timestamp: pass _ts=<seconds>, e.g. append(q=..., _ts=t) (a finite number)"
 
 _TRACK: Final = int(Kind.TRACK)
 """A plain int: enum member lookups cost more than the rest of a call's bookkeeping."""
@@ -15,7 +17,7 @@ _TRACK: Final = int(Kind.TRACK)
 if TYPE_CHECKING:
     from ._experiment import Experiment
 
-_MISSING: object = object()
+_MISSING: Any = object()
 
 
 class TrackBuilder:
@@ -33,12 +35,16 @@ class TrackBuilder:
         """The topic name, e.g. ``robot/state``."""
         return self._topic
 
-    def append(self, _ts: object = _MISSING, **fields: object) -> TrackBuilder:
-        """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one)."""
+    def append(self, _ts: Any = _MISSING, **fields: Any) -> TrackBuilder:
+        """Append one entry at ``_ts`` seconds (required; ``-1`` reuses this thread's previous one).
+
+        A field named ``timestamp`` raises ``ValueError``: ML-Dash 0.11 lets it silently replace
+        the row's ``_ts``, so the entry lands at another time.
+        """
         if "timestamp" in fields:
-            raise ValueError("'timestamp' is reserved for the row's _ts; rename the field")
+            raise ValueError(f"track {self._topic!r}: 'timestamp' is the row's own key, written from _ts; rename the field")
         if _ts is _MISSING:
-            raise ValueError("track entries need a timestamp: pass _ts=<seconds> (a finite number)")
+            raise ValueError(f"tracks({self._topic!r}).append: {MISSING_TS}")
         self._emit(_TRACK, (self._topic, self._exp._resolve_ts(_ts), fields))
         return self
 
@@ -47,47 +53,25 @@ class TrackBuilder:
         self._exp.flush()
         return self
 
-    @overload
-    def read(
-        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-        columns: list[str] | None = None, format: Literal["json", "mocap"] = "json",
-    ) -> dict[str, Any]: ...
-    @overload
-    def read(
-        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-        columns: list[str] | None = None, *, format: Literal["jsonl", "parquet"],
-    ) -> bytes: ...
-    @overload
-    def read(
-        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-        columns: list[str] | None = None, format: str = "json",
-    ) -> dict[str, Any] | bytes: ...
-    def read(
-        self, start_timestamp: float | None = None, end_timestamp: float | None = None,
-        columns: list[str] | None = None, format: str = "json",
-    ) -> dict[str, Any] | bytes:
-        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``.
-
-        ``json`` and ``mocap`` are dicts; ``jsonl`` and ``parquet`` (zstd) are bytes.
-        """
+    def read(self, start_timestamp: float | None = None, end_timestamp: float | None = None,
+             columns: list[str] | None = None, format: str = "json") -> Any:
+        """Rows in a time range (inclusive) as ``json``, ``jsonl``, ``parquet`` or ``mocap``."""
         self._exp._barrier()
-        run = self._exp.run_dir
-        return _read.read_track(run, self._topic, start_timestamp, end_timestamp, columns, format)
+        return _read.read_track(self._exp.run_dir, self._topic, start_timestamp, end_timestamp, columns, format)
 
     def list_entries(self) -> list[dict[str, Any]]:
         """Every row, as dicts with ``timestamp``."""
-        entries: list[dict[str, Any]] = self.read()["entries"]
-        return entries
+        return self.read()["entries"]  # type: ignore[no-any-return]
 
-    def slice(
-        self, start_timestamp: float | None = None, end_timestamp: float | None = None
-    ) -> _read.TrackSlice:
+    def slice(self, start_timestamp: float | None = None, end_timestamp: float | None = None) -> _read.TrackSlice:
         """Rows of a time range, iterable, with ``findByTime`` (floor match)."""
         return _read.TrackSlice(self.read(start_timestamp, end_timestamp)["entries"])
 
 
 class TracksManager:
     """``exp.tracks``: call it for a topic; ``flush()`` settles every topic; ``list()`` lists them."""
+
+    __slots__ = ("_exp", "_builders", "_dirs")
 
     def __init__(self, exp: Experiment) -> None:
         self._exp = exp
@@ -97,17 +81,16 @@ class TracksManager:
     def __call__(self, topic: str, description: str | None = None, tags: list[str] | None = None,
                  metadata: Mapping[str, Any] | None = None) -> TrackBuilder:
         builder = self._builders.get(topic)
+        if builder is not None and description is None and tags is None and metadata is None:
+            return builder
         if builder is None:
             folder = track_dir_name(topic)
             other = self._dirs.get(folder)
             if other is not None and other != topic:
-                raise ValueError(
-                    f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one"
-                )
+                raise ValueError(f"track topics {other!r} and {topic!r} would share the folder tracks/{folder}; rename one")
             self._dirs[folder] = topic
             builder = self._builders[topic] = TrackBuilder(self._exp, topic)
-        given = (("description", description), ("tags", tags), ("metadata", metadata))
-        info = {k: v for k, v in given if v is not None}
+        info = {k: v for k, v in (("description", description), ("tags", tags), ("metadata", metadata)) if v is not None}
         if info:
             self._exp._emit(Kind.META, ("track", topic, info))
         return builder

@@ -375,6 +375,7 @@ class JsonlSink:
         self._drop_next = (self._drop_next - self._dropping) | snd.final
 
     def _write_derived_run(self, path: str, *, files: set[str] | None = None, all_files: bool = False) -> None:
+        """Replace the run's derived files; ``experiment.json`` last, since its status says the run is done."""
         run = self.runs[path]
         info = run["info"]
         name = run["prefix"].rstrip("/").split("/")[-1]
@@ -399,8 +400,6 @@ class JsonlSink:
                 "counters": run["counters"],
             },
         }
-        with layout.locked(os.path.join(path, ".experiment.lock")):
-            layout.write_atomic(os.path.join(path, "experiment.json"), layout.dumps(exp))
         params = run.get("params")
         if params and (run.get("params_dirty") or all_files):
             now = iso(time.time())
@@ -413,6 +412,8 @@ class JsonlSink:
                 fs = self.files.get(fpath)
                 if fs is not None:
                     self._write_derived_file(fpath, fs)
+        with layout.locked(os.path.join(path, ".experiment.lock")):
+            layout.write_atomic(os.path.join(path, "experiment.json"), layout.dumps(exp))
 
     def _write_derived_file(self, path: str, fs: dict[str, Any]) -> None:
         d = os.path.dirname(path)

@@ -13,9 +13,10 @@ from dashcar.agent import errors as agent_errors
 from dashcar.proto import DashcarError, InvalidName, _errors
 
 DASHCAR_API = [
-    "BufferManager", "ConfigError", "DashcarError", "Experiment", "InvalidName", "LogBuilder",
-    "MetricBuilder", "MetricsManager", "ParamsBuilder", "RunContext", "Series", "Session",
-    "SummaryCache", "TrackBuilder", "TrackSlice", "TracksManager", "__version__",
+    "BufferManager", "ConfigError", "DashcarError", "Experiment", "InvalidName", "LogBuilder", "MetricBuilder",
+    "MetricsManager", "ParametersBuilder", "ParamsBuilder", "RUN", "RunConfig", "RunContext", "Series", "Session",
+    "SummaryCache", "TrackBuilder", "TrackSlice", "TracksManager", "__version__", "dashcar_experiment",
+    "ml_dash_experiment",
 ]
 PROTO_API = [
     "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "INGEST_SOCKET", "LOG_LEVELS",
@@ -62,6 +63,7 @@ def test_names_map_to_paths_inside_the_run_directory() -> None:
     assert proto.run_dir("/data", "alice/p/r") == "/data/alice/p/r"
     assert proto.track_dir_name("robot/state") == "robot_state"
     assert proto.metric_dir_parts("eval/top1") == ("eval", "top1")
+    assert proto.metric_dir_parts(None) == ("None",), "the unnamed metric's folder, as ML-Dash reads it"
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "a/../../b", "/abs", "a//b", "a/\x00/b", "a\\b", "", "."])

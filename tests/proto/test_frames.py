@@ -92,6 +92,14 @@ def test_hostile_topics_are_refused(topic: str) -> None:
         decode(raw)
 
 
+def test_a_metric_named_none_is_refused_since_it_would_share_the_unnamed_metrics_folder() -> None:
+    raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.METRIC, 1, 2, ROOT, PREFIX, 1, ["None", [{"x": 1}], "metrics"]])
+    with pytest.raises(InvalidName, match="unnamed metric"):
+        decode(raw)
+    unnamed = msgpack.packb([proto.PROTOCOL_VERSION, Kind.METRIC, 1, 2, ROOT, PREFIX, 1, [None, [{"x": 1}], "metrics"]])
+    assert decode(unnamed).payload == Metric(None, [{"x": 1}])
+
+
 @pytest.mark.parametrize("ts", [float("nan"), float("inf"), "1.0", None, True])
 def test_non_numeric_track_ts_is_refused(ts: object) -> None:
     raw = msgpack.packb([proto.PROTOCOL_VERSION, Kind.TRACK, 1, 2, ROOT, PREFIX, 1, ["t", ts, {}]])

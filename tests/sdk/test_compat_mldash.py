@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +44,24 @@ def write_with_ml_dash(root: str, prefix: str) -> None:
 
 
 def readers(root: str, prefix: str) -> tuple[Any, Any]:
-    theirs = ml_dash.Experiment(prefix=prefix, dash_root=root)
-    return theirs, dashcar.Experiment(prefix=prefix, dash_root=root)
+    return ml_dash.Experiment(prefix=prefix, dash_root=root), dashcar.Experiment(prefix=prefix, dash_root=root)
 
 
 def compare(root: str, prefix: str) -> None:
     theirs, ours = readers(root, prefix)
     with theirs.run as t:
         for start, limit in ((0, 1000), (5, 10), (20, 100), (30, 5)):
-            expected = t.metrics("train").read(start_index=start, limit=limit)
-            assert ours.metrics("train").read(start, limit) == expected
-        total = t.metrics("train").stats()["totalDataPoints"]
-        assert ours.metrics("train").stats()["totalDataPoints"] == total
+            assert ours.metrics("train").read(start, limit) == t.metrics("train").read(start_index=start, limit=limit)
+        assert ours.metrics("train").stats()["totalDataPoints"] == t.metrics("train").stats()["totalDataPoints"]
         for kw in ({}, {"start_timestamp": 0.1, "end_timestamp": 0.2}, {"columns": ["q"]}):
             assert ours.tracks("robot/pos").read(**kw) == t.tracks("robot/pos").read(**kw)
-            expected_jsonl = t.tracks("robot/pos").read(format="jsonl", **kw)
-            assert ours.tracks("robot/pos").read(format="jsonl", **kw) == expected_jsonl
+            assert ours.tracks("robot/pos").read(format="jsonl", **kw) == t.tracks("robot/pos").read(format="jsonl", **kw)
         assert ours.tracks("robot/pos").read(format="mocap") == t.tracks("robot/pos").read(format="mocap")
         mine = pq.read_table(io.BytesIO(ours.tracks("robot/pos").read(format="parquet"))).to_pylist()
         ref = pq.read_table(io.BytesIO(t.tracks("robot/pos").read(format="parquet"))).to_pylist()
         assert mine == ref
-        assert ours.params.get() == t.params.get()
-        assert ours.params.get(flatten=False) == t.params.get(flatten=False)
-        found = t.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155)
-        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == found
+        assert ours.params.get() == t.params.get() and ours.params.get(flatten=False) == t.params.get(flatten=False)
+        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == t.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155)
 
 
 def test_ml_dash_reads_what_dashcar_wrote(agent: AgentHandle) -> None:
@@ -114,3 +112,80 @@ def test_parquet_columns_are_the_union_of_all_rows(agent: AgentHandle) -> None:
         {"timestamp": 1.0, "a": None, "b": "x", "c": None},
         {"timestamp": 2.0, "a": None, "b": None, "c": [1.0, 2.0]},
     ]
+    assert json.loads(json.dumps(table.to_pylist()))
+
+
+SAME_SCRIPT = """
+import sys
+from datetime import datetime
+if sys.argv[1] == "ml_dash":
+    from ml_dash import RUN, Experiment
+else:
+    from dashcar import RUN, Experiment
+root = sys.argv[2]
+RUN.now = datetime(2024, 5, 6, 7, 8, 9)
+Experiment(prefix="alice/compat/unused", dash_root=root)
+exp = Experiment(prefix="alice/compat/{now:%Y-%m-%d}/r{job_counter:02d}", dash_root=root, readme="same script")
+exp.run.prefix = "alice/compat/{EXP.date}/{EXP.name}"
+with exp.run as e:
+    e.params.set(lr=0.001, model={"depth": 50, "act": "relu"}, seeds=[1, 2])
+    e.params.set(model={"depth": 101})
+    for i in range(5):
+        e.metrics("train").log(loss=1.0 / (i + 1), step=i, _ts=100.0 + i)
+    e.metrics.log(epoch=1, eval=dict(acc=0.5), _ts=200.0)
+    for i in range(10):
+        e.tracks("robot/pos").append(q=[i, i + 0.5], _ts=i * 0.01)
+        e.tracks("robot/pos").append(grip=float(i), _ts=i * 0.01)
+    e.tracks("camera/rgb").append(frame=0, _ts=0.5)
+    e.log("hello", metadata={"k": 1})
+    e.log("careful", level="warn")
+    print("prefix", e.run.prefix)
+"""
+
+WALL_CLOCK = {"createdAt", "updatedAt", "created_at", "updated_at", "timestamp"}
+"""Fields holding when something was written (a log line's ``timestamp`` is when it was logged)."""
+
+
+def _same_content(path: str, theirs: Any, ours: Any) -> None:
+    """Equal but for wall-clock fields; dashcar may add keys (run status, counters), never drop or change one."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict), path
+        for key, value in theirs.items():
+            assert key in ours, f"{path}: dashcar lacks {key!r}"
+            if key not in WALL_CLOCK:
+                _same_content(f"{path}.{key}", value, ours[key])
+    else:
+        assert ours == theirs, path
+
+
+def test_the_same_script_writes_the_same_run_through_ml_dash_and_dashcar(agent: AgentHandle, tmp_path: Path) -> None:
+    """Prefix template, params, metrics, tracks and logs: the two run directories hold the same files and data."""
+    script = tmp_path / "same.py"
+    script.write_text(SAME_SCRIPT)
+    prefixes = {}
+    for lib, env in (("ml_dash", dict(os.environ, ML_DASH_NO_VERSION_CHECK="1")), ("dashcar", agent.env())):
+        res = subprocess.run([sys.executable, str(script), lib, str(tmp_path / lib)], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        prefixes[lib] = next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("prefix "))
+    assert prefixes["dashcar"] == prefixes["ml_dash"] == "alice/compat/20240506/r01"
+    theirs_dir, ours_dir = (tmp_path.joinpath(lib, *prefixes[lib].split("/")) for lib in ("ml_dash", "dashcar"))
+
+    def files(run: Path) -> set[str]:
+        return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+
+    assert files(ours_dir) == files(theirs_dir)
+    assert {p.parent.relative_to(tmp_path / "dashcar").as_posix() for p in (tmp_path / "dashcar").rglob("experiment.json")} == {
+        prefixes["dashcar"]}, "no run directory is left with an unresolved template"
+    for name in sorted(files(theirs_dir)):
+        theirs_path, ours_path = theirs_dir / name, ours_dir / name
+        if name.endswith(".jsonl"):
+            theirs_rows, ours_rows = read_jsonl(theirs_path), read_jsonl(ours_path)
+            assert len(ours_rows) == len(theirs_rows), name
+            for i, (t, o) in enumerate(zip(theirs_rows, ours_rows, strict=True)):
+                _same_content(f"{name}:{i + 1}", t, o)
+        elif name.endswith(".json"):
+            _same_content(name, json.loads(theirs_path.read_text()), json.loads(ours_path.read_text()))
+        elif not name.endswith(".lock"):
+            assert ours_path.read_bytes() == theirs_path.read_bytes(), name
+    assert read_jsonl(ours_dir / "tracks" / "robot_pos" / "data.jsonl") == read_jsonl(theirs_dir / "tracks" / "robot_pos" / "data.jsonl")
