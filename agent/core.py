@@ -107,7 +107,7 @@ class Core:
         merge_window_s: float = 1.0,
         max_open_rows: int = 20_000,
         batch_records: int = 8192,
-        batch_bytes: int = 8 << 20,
+        batch_bytes: int = 2 << 20,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sinks_passed: Callable[[], int] | None = None,
@@ -129,6 +129,7 @@ class Core:
         self.total_bytes = 0
         self.recent: OrderedDict[int, Batch] = OrderedDict()
         self._recent_bytes = 0
+        self._low_cache = (0, 0)
         self.cond = threading.Condition()
         """Notified with every new stream batch."""
         self.recovered = False
@@ -167,15 +168,30 @@ class Core:
 
     def _replay_open_rows(self, refs: list[tuple[bytes, Any]]) -> None:
         """Merge again the entries of every open row, from exactly the records that hold them."""
-        owner: dict[int, set[tuple[str, str, float]]] = {}
+        wanted: dict[int, set[tuple[str, str, float]]] = {}
+        rows: list[tuple[tuple[str, str], float, list[int]]] = []
         for k, (stamps, wseqs) in refs:
             run, topic = k[2:].decode().split("\0", 1)
             for ts, seqs in zip(stamps, wseqs):
+                rows.append(((run, topic), ts, seqs))
                 for wseq in seqs:
-                    owner.setdefault(wseq, set()).add((run, topic, ts))
+                    wanted.setdefault(wseq, set()).add((run, topic, ts))
+        merged = self._merge_entries(wanted)
         now = self.clock()
-        for wseq, raw in self.wal.get_records(sorted(owner)):
-            wanted = owner.pop(wseq)
+        for key, ts, seqs in rows:
+            fields = merged.get((key[0], key[1], ts))
+            if fields is not None:
+                self.rows.restore(key, ts, fields, seqs, now)
+
+    def _merge_entries(self, wanted: dict[int, set[tuple[str, str, float]]]) -> dict[tuple[str, str, float], dict[str, Any]]:
+        """The merged fields of rows ``(run, topic, ts)``, from the WAL records that hold their entries.
+
+        ``wanted`` maps a record to the rows it holds entries of; entries merge in WAL order, as
+        they did when they came. Records that are gone are counted as ``corrupt``.
+        """
+        out: dict[tuple[str, str, float], dict[str, Any]] = {}
+        for wseq, raw in self.wal.get_records(sorted(wanted)):
+            keys = wanted.pop(wseq)
             try:
                 frames = check_record(raw)
             except ProtocolError:
@@ -184,13 +200,35 @@ class Core:
                 if f[1] != _TRACK:
                     continue
                 topic, ts, fields = f[7]
-                ts = float(ts)
-                path = run_dir(f[4], f[5])
-                if (path, topic, ts) in wanted:
-                    self.rows.add((path, topic), [(ts, merge.flatten(fields), wseq)], now)
-        if owner:
-            log.error("%d WAL records of open track rows are gone; those entries are lost", len(owner))
-            self.book.count(None, "corrupt", len(owner))
+                k = (self._run_path(f[4], f[5]), topic, float(ts))
+                if k in keys:
+                    row = out.get(k)
+                    if row is None:
+                        out[k] = merge.flatten(fields)
+                    else:
+                        merge.merge_into(row, merge.flatten(fields))
+        if wanted:
+            log.error("%d WAL records of track rows are gone; their entries are lost", len(wanted))
+            self.book.count(None, "corrupt", len(wanted))
+        return out
+
+    def materialize(self, batch: Batch) -> Batch:
+        """A stored batch with its rows merged again from the WAL records its items name."""
+        todo = [i for i in batch.items if isinstance(i, RowsItem) and i.rows is None]
+        if not todo:
+            return batch
+        wanted: dict[int, set[tuple[str, str, float]]] = {}
+        for item in todo:
+            for ts, refs in zip(item.stamps, item.refs):
+                for wseq in refs:
+                    wanted.setdefault(wseq, set()).add((item.run, item.topic, ts))
+        merged = self._merge_entries(wanted)
+        items = [
+            i._replace(rows=[merged.get((i.run, i.topic, ts), {}) for ts in i.stamps])
+            if isinstance(i, RowsItem) and i.rows is None else i
+            for i in batch.items
+        ]
+        return batch._replace(items=items)
 
     # -------------------------------------------------------------------- runs
     def _load_run(self, root: str, prefix: str, path: str) -> Run:
@@ -333,18 +371,18 @@ class Core:
         book = self.book
         items: list[RowsItem] = []
         for tkey, upto in self.rows.due(self.clock(), book.settle, settle_all):
-            rows = self.rows.settle(tkey, upto)
+            stamps, rows, refs = self.rows.settle(tkey, upto)
             s.topics.add(tkey)
-            if not rows:
+            if not stamps:
                 continue
             path, topic = tkey
             run = book.runs[path]
             last = run.topics.get(topic)
-            late = last is not None and rows[0][0] <= last
-            if last is None or rows[-1][0] > last:
-                run.topics[topic] = rows[-1][0]
-            book.count(run, "rows", len(rows))
-            items.append(RowsItem(ItemKind.ROWS, path, topic, rows, late))
+            late = last is not None and stamps[0] <= last
+            if last is None or stamps[-1] > last:
+                run.topics[topic] = stamps[-1]
+            book.count(run, "rows", len(stamps))
+            items.append(RowsItem(ItemKind.ROWS, path, topic, stamps, refs, late, rows))
         s.topics.update(s.tracks)
         book.settle.clear()
         return items
@@ -386,14 +424,22 @@ class Core:
         items.extend(body)
         items.extend(rows_items)
         items.extend(FlushedItem(ItemKind.FLUSHED, sid, seq) for sid, seq in s.acks.items())
+        low = self.cursor + 1
+        open_low = self.rows.min_wseq()
+        if open_low is not None:
+            low = min(low, open_low)
+        for r in rows_items:
+            for refs in r.refs:
+                if refs[0] < low:
+                    low = refs[0]
         self.out_seq += 1
-        batch = Batch(self.out_seq, self.wall(), s.frames, self.total_frames, self.total_bytes, s.runs, items, 0)
+        batch = Batch(self.out_seq, self.wall(), s.frames, self.total_frames, self.total_bytes, low, s.runs, items, 0)
         packed = batch.pack()
         batch = batch._replace(size=len(packed))
         self.total_frames += s.frames
         self.total_bytes += len(packed)
         try:
-            self._commit((self.out_seq, packed), s, final)
+            self._commit(batch, packed, s, final)
         except WALFull:
             # No room for this step: forget it (it is done again later), make room, and wait
             # for the sinks; the state in memory goes back to the committed one first.
@@ -406,7 +452,7 @@ class Core:
         self._remember(batch)
         return batch
 
-    def _commit(self, batch: tuple[int, bytes] | None, s: _Step, final: list[str]) -> None:
+    def _commit(self, batch: Batch, packed: bytes, s: _Step, final: list[str]) -> None:
         book = self.book
         puts: dict[bytes, object] = {
             b"cursor": self.cursor, b"out": self.out_seq, b"counters": book.counters, b"rejected": self.rejected_by,
@@ -438,7 +484,7 @@ class Core:
                 puts[_topic_key(*tkey)] = refs
         evicted = self._evicted_runs(deletes)
         deletes.update(b"r:" + p.encode() for p in evicted)
-        self.wal.commit_core(batch, puts, deletes, wal_upto=self._wal_upto(), out_upto=self._out_upto())
+        self.wal.commit_core((batch.seq, packed), puts, deletes, wal_upto=self._wal_upto(batch), out_upto=self._out_upto())
         book.dirty_runs.clear()
         book.dirty_producers.clear()
         book.forgotten_producers.clear()
@@ -456,10 +502,31 @@ class Core:
     def _out_upto(self) -> int:
         return self.out_seq if self.sinks_passed is None else min(self.out_seq, self.sinks_passed())
 
-    def _wal_upto(self) -> int:
-        """The last WAL record the state in memory no longer needs."""
+    def _wal_upto(self, writing: Batch | None = None) -> int:
+        """The last WAL record neither the state in memory nor a batch some sink has yet to pass needs.
+
+        ``writing`` is the batch about to be committed with the state (not in the store yet).
+        """
+        upto = self.cursor
         low = self.rows.min_wseq()
-        return self.cursor if low is None else min(self.cursor, low - 1)
+        if low is not None:
+            upto = min(upto, low - 1)
+        passed = self._out_upto()
+        if passed < self.out_seq:
+            upto = min(upto, self._low_of(passed + 1, writing) - 1)
+        return max(0, upto)
+
+    def _low_of(self, seq: int, writing: Batch | None = None) -> int:
+        """``low`` of stream batch ``seq`` (which must exist, or be ``writing``)."""
+        if writing is not None and writing.seq == seq:
+            return writing.low
+        b = self.recent.get(seq)
+        if b is not None:
+            return b.low
+        if self._low_cache[0] != seq:
+            heads = self.summaries(seq - 1, 1)
+            self._low_cache = (seq, heads[0].low if heads else 0)
+        return self._low_cache[1]
 
     def _collect_garbage(self) -> None:
         """Drop what the committed state no longer needs, alone in a transaction: room for the next step.
@@ -490,7 +557,7 @@ class Core:
         if len(out) < limit and seq <= self.out_seq:
             for s, raw in self.wal.read_out(seq - 1, limit - len(out)):
                 hit = self.recent.get(s)
-                out.append(hit if hit is not None else unpack(s, raw))
+                out.append(hit if hit is not None else self.materialize(unpack(s, raw)))
         return out
 
     def summaries(self, after: int, limit: int) -> list[Summary]:
@@ -498,7 +565,7 @@ class Core:
         out: list[Summary] = []
         for seq, raw in self.wal.read_out(after, limit):
             b = self.recent.get(seq)
-            out.append(Summary(*b[:6], b.size) if b is not None else summary(seq, raw))
+            out.append(Summary(*b[:7], b.size) if b is not None else summary(seq, raw))
         return out
 
     def open_rows(self) -> int:

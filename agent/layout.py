@@ -94,6 +94,29 @@ def track_line(ts: float, fields: dict[str, Any]) -> bytes:
     return line({"timestamp": ts, **fields})
 
 
+_ROW_SEP = b'},{"timestamp":'
+
+
+def track_lines(stamps: list[float], rows: list[dict[str, Any]]) -> bytes:
+    """The track lines of many rows at once: exactly what ``track_line`` gives each, joined.
+
+    orjson encodes the whole list in one call (one call per row costs five times as much: each
+    result is a fresh buffer) and the row boundaries ``},{"timestamp":`` become line breaks.
+    Where that sequence also occurs inside a row (a list of dicts with a ``timestamp`` key), or
+    a row holds ``null``, rows are written one by one instead.
+    """
+    n = len(rows)
+    if n == 0:
+        return b""
+    try:
+        chunk = _orjson_dumps([{"timestamp": ts, **f} for ts, f in zip(stamps, rows)])
+    except _OrjsonError:
+        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows)])
+    if b"null" in chunk or chunk.count(_ROW_SEP) != n - 1:
+        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows)])
+    return chunk[1:-1].replace(_ROW_SEP, b'}\n{"timestamp":') + b"\n"
+
+
 def log_line(seq: int, t: float, level: str, message: str, metadata: dict[str, Any] | None) -> bytes:
     """A log line: ``{"sequenceNumber", "timestamp", "level", "message"[, "metadata"]}``."""
     entry: dict[str, Any] = {"sequenceNumber": seq, "timestamp": iso(t), "level": level, "message": message}

@@ -116,6 +116,14 @@ class OpenRows:
         self.count += len(rows) - before
         return clashes
 
+    def restore(self, key: TopicKey, ts: float, fields: dict[str, Any], wseqs: list[int], now: float) -> None:
+        """Put back a row rebuilt after a restart, with the WAL records that hold its entries."""
+        rows = self.topics.setdefault(key, {})
+        if ts not in rows:
+            self.count += 1
+        row = rows[ts] = Row(fields, now, wseqs[0])
+        row.wseqs = list(wseqs)
+
     def has_run(self, run: str) -> bool:
         """True if any row of ``run`` is open."""
         return any(k[0] == run for k in self.topics)
@@ -139,19 +147,20 @@ class OpenRows:
                 out.append((key, upto))
         return out
 
-    def settle(self, key: TopicKey, upto: float) -> list[list[Any]]:
-        """Remove and return the topic's rows at or below ``upto`` as sorted ``[ts, fields]``."""
+    def settle(self, key: TopicKey, upto: float) -> tuple[list[float], list[dict[str, Any]], list[list[int]]]:
+        """Remove the topic's rows at or below ``upto``: their stamps (sorted), fields and WAL records."""
         rows = self.topics[key]
         if upto == math.inf:
-            done = sorted(rows.items())
+            stamps = sorted(rows)
+            done = [rows[ts] for ts in stamps]
             rows.clear()
         else:
             stamps = sorted(ts for ts in rows if ts <= upto)
-            done = [(ts, rows.pop(ts)) for ts in stamps]
+            done = [rows.pop(ts) for ts in stamps]
         if not rows:
             del self.topics[key]
         self.count -= len(done)
-        return [[ts, row.fields] for ts, row in done]
+        return stamps, [r.fields for r in done], [r.wseqs for r in done]
 
     def refs(self, key: TopicKey) -> list[Any] | None:
         """What a commit stores of a topic's open rows: their stamps and WAL seqs (None: none open)."""

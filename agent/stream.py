@@ -12,6 +12,8 @@ changes and the rows that settled, as a list of items in a fixed order
 
 A batch is packed with msgpack into the WAL's ``out`` database (``pack``/``unpack``); the
 items are named tuples whose first field is their kind, so a packed item is a plain array.
+Rows are stored as references to the WAL records that hold their entries, not as values: the
+stream costs little to write, and the records stay until every sink has passed the batch.
 """
 
 from __future__ import annotations
@@ -92,13 +94,20 @@ class LogsItem(NamedTuple):
 
 
 class RowsItem(NamedTuple):
-    """Settled rows ``[ts, flat fields]`` of one topic, sorted, one per timestamp."""
+    """Settled rows of one topic: ``stamps`` sorted and unique, ``rows`` their flat fields.
+
+    ``refs`` names, per row, the WAL records holding its entries. The stored form keeps only
+    stamps and refs; a batch read back from the store gets its rows merged again from those
+    records (``Core.materialize``), which retention keeps until every sink has passed them.
+    """
 
     kind: int
     run: str
     topic: str
-    rows: list[list[Any]]
+    stamps: list[float]
+    refs: list[list[int]]
     late: bool
+    rows: list[dict[str, Any]] | None = None
 
 
 class FlushedItem(NamedTuple):
@@ -125,7 +134,8 @@ class Batch(NamedTuple):
     """One core step's output: ``frames`` WAL frames (``runs``: per run) became ``items``.
 
     ``before_frames``/``before_bytes`` are the stream's totals before this batch, so a sink's
-    lag is the difference of two totals, however long its backlog.
+    lag is the difference of two totals, however long its backlog. ``low`` is the oldest WAL
+    record this batch or any later one can need.
     """
 
     seq: int
@@ -133,30 +143,33 @@ class Batch(NamedTuple):
     frames: int
     before_frames: int
     before_bytes: int
+    low: int
     runs: dict[str, int]
     items: list[Item]
     size: int
 
     def pack(self) -> bytes:
-        """The stored form (without ``seq`` and ``size``, which the store knows)."""
-        return cast(bytes, msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.runs, self.items]))
+        """The stored form (without ``seq`` and ``size``, which the store knows; rows as references)."""
+        items = [i[:6] if i.kind == ItemKind.ROWS else i for i in self.items]
+        return cast(bytes, msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.low, self.runs, items]))
 
 
 def unpack(seq: int, raw: bytes) -> Batch:
-    """A stored batch."""
-    created, frames, before_frames, before_bytes, runs, items = msgpack.unpackb(raw, strict_map_key=False)
+    """A stored batch; its rows items still need ``Core.materialize``."""
+    created, frames, before_frames, before_bytes, low, runs, items = msgpack.unpackb(raw, strict_map_key=False)
     types = _TYPES
-    return Batch(seq, created, frames, before_frames, before_bytes, runs, [types[i[0]](*i) for i in items], len(raw))
+    return Batch(seq, created, frames, before_frames, before_bytes, low, runs, [types[i[0]](*i) for i in items], len(raw))
 
 
 class Summary(NamedTuple):
-    """A stored batch's head, read without its items (lag, skipping)."""
+    """A stored batch's head, read without its items (lag, retention, skipping)."""
 
     seq: int
     created: float
     frames: int
     before_frames: int
     before_bytes: int
+    low: int
     runs: dict[str, int]
     size: int
 
@@ -166,4 +179,4 @@ def summary(seq: int, raw: bytes) -> Summary:
     u = msgpack.Unpacker(strict_map_key=False)
     u.feed(raw)
     u.read_array_header()
-    return Summary(seq, u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), len(raw))
+    return Summary(seq, u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), len(raw))

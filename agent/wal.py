@@ -106,23 +106,24 @@ def _range(env: lmdb.Environment, db: Any, after: int, limit: int, max_bytes: in
         cur = txn.cursor()
         if not cur.set_range(_U64.pack(after + 1)):
             return out
-        unpack_key = _U64.unpack
+        from_bytes = int.from_bytes
+        append = out.append
         for k, v in cur:
-            value = bytes(v)
-            out.append((unpack_key(k)[0], value))
-            size += len(value)
+            append((from_bytes(k, "big"), v))
+            size += len(v)
             if len(out) >= limit or size >= max_bytes:
                 break
     return out
 
 
 def _delete_upto(txn: lmdb.Transaction, db: Any, upto: int) -> int:
+    """Delete the keys at or below ``upto`` (big-endian keys: bytewise order is numeric order)."""
     deleted = 0
+    end = _U64.pack(upto)
     cur = txn.cursor(db=db)
     if cur.first():
-        while cur.key() and _U64.unpack(cur.key())[0] <= upto:
-            if not cur.delete():
-                break
+        key_of, delete = cur.key, cur.delete
+        while key_of() <= end and delete():
             deleted += 1
     return deleted
 

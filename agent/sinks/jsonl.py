@@ -278,25 +278,25 @@ class JsonlSink:
     def _rows(self, item: RowsItem) -> None:
         tpath = self._track_path(item.run, item.topic)
         fs = self._file(tpath, "track", item.run, topic=item.topic)
-        rows = item.rows
+        stamps, rows = item.stamps, item.rows
+        assert rows is not None, "the runner hands over materialized rows"
         cols = set(fs["columns"])
         n_cols = len(cols)
-        for _, fields in rows:
+        for fields in rows:
             if len(fields) != n_cols or not cols.issuperset(fields):
                 cols.update(fields)
                 n_cols = len(cols)
         if n_cols != len(fs["columns"]):
             fs["columns"] = sorted(cols)
-        first, last = rows[0][0], rows[-1][0]
-        line = layout.track_line
+        first, last = stamps[0], stamps[-1]
         if fs["last_ts"] is None or first > fs["last_ts"]:
-            self._append(tpath, fs, b"".join([line(ts, f) for ts, f in rows]))
+            self._append(tpath, fs, layout.track_lines(stamps, rows))
             fs["n"] += len(rows)
         else:
             end = self._end(tpath, fs)
             pos, existing = layout.tail_rows(lambda a, b: self._read(tpath, a, b), end, first)
-            merged, _ = merge.merge_rows([*existing, *((ts, f) for ts, f in rows)])
-            data = b"".join([line(ts, f) for ts, f in merged])
+            merged, _ = merge.merge_rows([*existing, *zip(stamps, rows)])
+            data = layout.track_lines([ts for ts, _ in merged], [f for _, f in merged])
             ov = self._send.overlays.get(tpath)
             if ov is not None and pos >= ov[0]:
                 del ov[1][pos - ov[0]:]
