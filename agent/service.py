@@ -16,7 +16,7 @@ deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
 
 Retention: after each core step the agent checks the WAL against its cap; past
 ``wal.SKIP_SHARE`` a sink whose ``when_full`` is ``skip`` that lags is told to jump over the
-oldest quarter of its backlog (counted), so a slow remote never costs local files a frame.
+older half of its backlog (counted), so a slow remote never costs local files a frame.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class Agent:
                 "error": self.ingest.wal_error,
                 "full": core["full"],
             },
-            "core": {"cursor": core["cursor"], "stream_seq": core["stream_seq"], "error": self.core_error},
+            "core": {"cursor": core["cursor"], "stream_seq": core["stream_seq"], "stream_frames": self.core.total_frames,
+                     "error": self.core_error},
             "sink": {"open_rows": core["open_rows"], "error": self.core_error or (barrier_errors[0] if barrier_errors else None)},
             "sinks": sinks,
             "runs": core["runs"],
@@ -221,13 +222,13 @@ class Agent:
             self.wakeup.clear()
 
     def _retain(self) -> None:
-        """Near the WAL's cap, have lagging sinks that may skip jump over their oldest quarter."""
+        """Near the WAL's cap, have lagging sinks that may skip jump over the older half of their backlog."""
         if self.wal.used_bytes() <= self.wal.max_bytes * SKIP_SHARE:
             return
         head = self.core.out_seq
         for r in self.runners:
             if r.sink.when_full == "skip" and r.cursor < head:
-                r.skip_to(r.cursor + max(1, (head - r.cursor) // 4))
+                r.skip_to(r.cursor + max(1, (head - r.cursor) // 2))
 
     # -------------------------------------------------------------- producers
     def _read_counter(self, pid: int, sid: int) -> tuple[int, int, int]:

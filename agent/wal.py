@@ -56,7 +56,7 @@ APPEND_SHARE: Final = 0.85
 """Ingest stops appending once the WAL's live pages would pass this share of its cap."""
 CORE_SHARE: Final = 0.92
 """The core stops writing stream batches past this share (a blocking sink is behind)."""
-SKIP_SHARE: Final = 0.70
+SKIP_SHARE: Final = 0.50
 """Past this share, sinks whose ``when_full`` is ``skip`` jump ahead, oldest batches first."""
 STATE_MAP_BYTES: Final = 64 * 1024**3
 """Address space of the sink state environment; its file holds only live state."""

@@ -41,6 +41,8 @@ BACKOFF_BASE_S: Final = 0.05
 BACKOFF_CAP_S: Final = 30.0
 BATCHES_PER_SEND: Final = 8
 IDLE_WAIT_S: Final = 0.5
+WARN_INTERVAL_S: Final = 60.0
+"""A sink that keeps failing is reported at WARNING once a minute (each attempt at DEBUG)."""
 _FLUSHED: Final = int(ItemKind.FLUSHED)
 
 
@@ -80,6 +82,8 @@ class Runner:
         self.cond = threading.Condition()
         """Notified on every commit (cursor, flush acks)."""
         self.stopping = threading.Event()
+        self._wake = threading.Event()
+        """Cuts a backoff wait short: a stop, or a request to skip."""
         self.cursor = 0
         self.passed_frames = 0
         self.passed_bytes = 0
@@ -91,6 +95,7 @@ class Runner:
         self.attempt = 0
         self.retry_at: float | None = None
         self._skip_to = 0
+        self._warned_at = 0.0
         self._opened = False
         self._load()
 
@@ -110,7 +115,8 @@ class Runner:
             if self.stopping.is_set() and not self.sink.barrier:
                 return
             if self.retry_at is not None:
-                self.stopping.wait(max(0.0, self.retry_at - time.time()))
+                self._wake.wait(max(0.0, self.retry_at - time.time()))
+                self._wake.clear()
             if self.step():
                 continue
             if self.stopping.is_set() and (self.core.out_seq <= self.cursor or self.error is not None):
@@ -136,6 +142,7 @@ class Runner:
     def stop(self) -> None:
         """Ask the thread to finish what the core has made and return."""
         self.stopping.set()
+        self._wake.set()
         with self.core.cond:
             self.core.cond.notify_all()
 
@@ -190,11 +197,17 @@ class Runner:
     def _failed(self, exc: Exception, what: str) -> None:
         self.error = f"{what}: {exc}"
         wait = backoff(self.attempt)
+        now = time.monotonic()
+        loud = self.attempt == 0 or now - self._warned_at >= WARN_INTERVAL_S
         if isinstance(exc, SinkRetryable):
             wait = max(wait, exc.retry_after_s)
-            log.warning("sink=%s %s failed (attempt %d), retrying in %.2fs: %s", self.name, what, self.attempt + 1, wait, exc)
+            log.log(logging.WARNING if loud else logging.DEBUG, "sink=%s %s failed (attempt %d), retrying in %.2fs: %s",
+                    self.name, what, self.attempt + 1, wait, exc)
         else:
-            log.exception("sink=%s %s failed unexpectedly (attempt %d), retrying in %.2fs", self.name, what, self.attempt + 1, wait)
+            log.log(logging.ERROR if loud else logging.DEBUG, "sink=%s %s failed unexpectedly (attempt %d), retrying in %.2fs",
+                    self.name, what, self.attempt + 1, wait, exc_info=True)
+        if loud:
+            self._warned_at = now
         self.attempt += 1
         self.retry_at = time.time() + wait
 
@@ -221,6 +234,7 @@ class Runner:
         """Ask the sink to jump past stream batch ``seq`` (the WAL nears its cap)."""
         if self.sink.when_full == "skip" and seq > self._skip_to:
             self._skip_to = seq
+            self._wake.set()
             with self.core.cond:
                 self.core.cond.notify_all()
 
