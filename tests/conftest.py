@@ -182,3 +182,9 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """pyzmq's async sockets are asyncio sockets: the in-process agent runs on asyncio."""
+    return "asyncio"
