@@ -96,7 +96,8 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
     end = time.monotonic() + 60
     while True:
         st = agent.status()
-        if (st["wal"]["backlog"] == 0 and not st["runs"]) or time.monotonic() > end:
+        lag = sum(sink["lag"]["frames"] for sink in st["sinks"].values())
+        if (st["wal"]["backlog"] == 0 and not st["runs"] and lag == 0) or time.monotonic() > end:
             break
         time.sleep(0.1)
     fr = st["frames"]
@@ -114,9 +115,16 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
         tally["rows_checked"] += len(rows)
         tally["duplicate_rows"] += len(stamps) - len(set(stamps))
         tally["unsorted_files"] += stamps != sorted(stamps)
+        for r in rows:
+            i = round(r.pop("timestamp") * 1000)
+            late = r.pop("late", None)
+            whole = r in ({}, {"q": [i, i, i]}) if track.parent.name == "robot_state" else all(v == i for v in r.values())
+            tally["wrong_rows"] += not whole or (late is not None and late != i + 90)
     for metric in data.rglob("metrics/*/data.jsonl"):
         idx = [p["index"] for p in _lines(metric)]
         tally["duplicate_points"] += len(idx) - len(set(idx))
+        exp = json.loads((metric.parents[2] / "experiment.json").read_text())
+        tally["points_not_written"] += exp["dashcar"]["counters"].get("points", 0) - len(idx)
     agent.close()
     if disk:
         subprocess.run(["umount", "-l", str(data)], check=False)
@@ -141,7 +149,8 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     keys = ["rounds", "agent_kills", "producer_kills", "disk_full_recoveries", "frames_stored", "frames_written",
-            "lost_after_stored", "duplicate_rows", "duplicate_points", "unsorted_files", "rows_checked",
+            "lost_after_stored", "points_not_written", "duplicate_rows", "duplicate_points", "unsorted_files", "wrong_rows",
+            "rows_checked",
             "counted_missing_before_store", "counted_dropped_by_producers", "counted_lost_in_producer_queues",
             "counted_dropped_disk_full"]
     tally = dict.fromkeys(keys, 0)
