@@ -118,20 +118,35 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
             lines += [f"| {k} | {v} |" for k, v in r.items() if k != "bench"]
             lines.append("")
     ingest = [r for r in results if r["bench"] == "ingest"]
+    naive = next((r for r in results if r["bench"] == "naive"), None)
+    drain = next((r for r in results if r["bench"] == "drain"), None)
     if ingest:
+        lines += ["## Agent throughput", ""]
+        if naive:
+            lines += [
+                f"The naive pipeline in the same run (raw `packb` + PUSH from {naive['producers']} processes → one PULL "
+                f"process → an orjson line per frame, no durability, no merge, no checks): "
+                f"**{naive['frames_per_s']} frames/s** over {naive['frames']} frames.",
+                "",
+            ]
         lines += [
-            "## Agent ingest",
-            "",
-            "| producers | frames | into WAL frames/s | into merged JSONL frames/s | dropped | missing | agent RssAnon peak MB |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| producers | frames | into WAL frames/s | into merged JSONL frames/s | JSONL / naive | dropped | missing "
+            "| agent RssAnon peak MB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in ingest:
             who = f"{r['producers']}" + (f", coalescing {r['coalesce_ms']:g} ms" if r.get("coalesce_ms") else "")
             lines.append(
-                f"| {who} | {r['frames']} | {r['wal_frames_per_s']} | {r['jsonl_frames_per_s']} | "
+                f"| {who} | {r['frames']} | {r['wal_frames_per_s']} | {r['jsonl_frames_per_s']} | {r.get('vs_naive', '')} | "
                 f"{r['dropped_by_producers']} | {r['missing']} | {r['agent_rss_anon_mb_peak']} |"
             )
         lines.append("")
+        if drain:
+            lines += [
+                f"A backlog of {drain['frames']} frames already in the WAL drains into JSONL at **{drain['frames_per_s']} "
+                f"frames/s** ({drain['seconds']} s from the agent's start).",
+                "",
+            ]
     lines += ["![call cost](bench_latency.png)", "", "![ingest](bench_ingest.png)", ""]
     lines += goals(results)
     return "\n".join(lines)
@@ -140,6 +155,7 @@ def render(results: list[dict[str, Any]], quick: bool) -> str:
 def goals(results: list[dict[str, Any]]) -> list[str]:
     """The goals of ``DESIGN.md`` §4 next to this run's figures."""
     by = {r["bench"]: r for r in results if r["bench"] != "ingest"}
+    coalesced = next((r for r in results if r["bench"] == "ingest" and r.get("coalesce_ms")), None)
     ingest = {r["producers"]: r for r in results if r["bench"] == "ingest" and not r.get("coalesce_ms")}
     rows: list[tuple[str, str, bool | None]] = []
     if "hotpath" in by:
@@ -161,8 +177,17 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
     if 4 in ingest:
         r = ingest[4]
         rows.append(("4 producers → WAL ≥ 300 000 frames/s", f"{r['wal_frames_per_s']}", (r["wal_frames_per_s"] or 0) >= 300_000))
-        rows.append(("→ merged JSONL ≥ 150 000 frames/s, no drops", f"{r['jsonl_frames_per_s']}, {r['dropped_by_producers']} dropped",
-                     r["jsonl_frames_per_s"] >= 150_000 and r["dropped_by_producers"] == 0))
+        if "naive" in by:
+            rows.append((f"→ merged JSONL ≥ 0.6× the naive pipeline ({by['naive']['frames_per_s']} frames/s), no drops",
+                         f"{r['jsonl_frames_per_s']} = {r.get('vs_naive')}×, {r['dropped_by_producers']} dropped",
+                         r.get("vs_naive", 0) >= 0.6 and r["dropped_by_producers"] == 0))
+        rows.append(("→ merged JSONL ≥ 150 000 frames/s (stretch)", f"{r['jsonl_frames_per_s']}", r["jsonl_frames_per_s"] >= 150_000))
+        if coalesced:
+            rows.append(("the same with 2 ms coalescing, ≥ 0.6× naive", f"{coalesced['jsonl_frames_per_s']} = "
+                         f"{coalesced.get('vs_naive')}×", coalesced.get("vs_naive", 0) >= 0.6))
+    if "drain" in by:
+        d = by["drain"]["frames_per_s"]
+        rows.append(("a WAL backlog drains ≥ 300 000 frames/s", f"{d}", d >= 300_000))
     if "loop" in by:
         f = by["loop"]["freshness"]["p99_us"]
         rows.append(("freshness p99 ≤ 50 ms", f"{f / 1000:.1f} ms", f <= 50_000))

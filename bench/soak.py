@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -125,6 +126,8 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
         tally["duplicate_points"] += len(idx) - len(set(idx))
         exp = json.loads((metric.parents[2] / "experiment.json").read_text())
         tally["points_not_written"] += exp["dashcar"]["counters"].get("points", 0) - len(idx)
+        if exp["dashcar"]["counters"].get("points", 0) != len(idx) and os.environ.get("SOAK_KEEP"):
+            shutil.copytree(agent.base, os.environ["SOAK_KEEP"] + f"-{tally['rounds']}", dirs_exist_ok=True)
     agent.close()
     if disk:
         subprocess.run(["umount", "-l", str(data)], check=False)
