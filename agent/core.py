@@ -28,12 +28,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from dashcar.proto import Kind, ProtocolError, check_record, frame_count, run_dir
 
 from . import layout, merge
 from .book import Book, Producer, Run, iso
+from .errors import WALFull
 from .stream import (
     Batch,
     FlushedItem,
@@ -49,7 +50,6 @@ from .stream import (
     summary,
     unpack,
 )
-from .errors import WALFull
 from .wal import CORE_SHARE, Wal, key
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,16 @@ class Core:
         rows: list[tuple[tuple[str, str], float, list[int]]] = []
         for k, (stamps, wseqs) in refs:
             run, topic = k[2:].decode().split("\0", 1)
-            for ts, seqs in zip(stamps, wseqs):
+            for ts, seqs in zip(stamps, wseqs, strict=True):
                 rows.append(((run, topic), ts, seqs))
                 for wseq in seqs:
                     wanted.setdefault(wseq, set()).add((run, topic, ts))
         merged = self._merge_entries(wanted)
         now = self.clock()
-        for key, ts, seqs in rows:
-            fields = merged.get((key[0], key[1], ts))
+        for tkey, ts, seqs in rows:
+            fields = merged.get((tkey[0], tkey[1], ts))
             if fields is not None:
-                self.rows.restore(key, ts, fields, seqs, now)
+                self.rows.restore(tkey, ts, fields, seqs, now)
 
     def _merge_entries(self, wanted: dict[int, set[tuple[str, str, float]]]) -> dict[tuple[str, str, float], dict[str, Any]]:
         """The merged fields of rows ``(run, topic, ts)``, from the WAL records that hold their entries.
@@ -219,7 +219,7 @@ class Core:
             return batch
         wanted: dict[int, set[tuple[str, str, float]]] = {}
         for item in todo:
-            for ts, refs in zip(item.stamps, item.refs):
+            for ts, refs in zip(item.stamps, item.refs, strict=True):
                 for wseq in refs:
                     wanted.setdefault(wseq, set()).add((item.run, item.topic, ts))
         merged = self._merge_entries(wanted)
@@ -319,7 +319,7 @@ class Core:
             return
         path = self._paths.get((root, prefix)) or self._run_path(root, prefix)
         s.runs[path] = s.runs.get(path, 0) + 1
-        if kind == _FLUSH or kind == _RUN_CLOSE:
+        if kind in (_FLUSH, _RUN_CLOSE):
             known = book.runs.get(path)
             if not book.admit(producer, seq, known):
                 return
@@ -342,7 +342,7 @@ class Core:
         if kind == _TRACK:
             topic, ts, fields = p
             tkey = (path, topic)
-            entries = s.tracks.get(tkey, False)
+            entries: list[tuple[float, dict[str, Any], int]] | Literal[False] | None = s.tracks.get(tkey, False)
             if entries is False:
                 entries = s.tracks[tkey] = [] if book.topic_allowed(run, topic) else None
             elif entries is None:
@@ -392,6 +392,7 @@ class Core:
         book = self.book
         items: list[Item] = []
         body: list[Item] = []
+        run: Run | None
         for path, changed in s.params.items():
             run = book.runs[path]
             body.append(ParamsItem(ItemKind.PARAMS, path, run.params_version, dict(run.params), run.params_created, changed))

@@ -50,7 +50,6 @@ import zmq
 from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, FrameTooLarge, Kind, frame_count, refusal_reason
 
 from . import logs
-
 from .config import AgentConfig
 from .errors import WALError
 from .wal import Wal
@@ -93,7 +92,9 @@ def saved_counters(wal: Wal) -> tuple[dict[str, Any], dict[str, int]]:
 class Ingest:
     """The child's receive side: owns the PULL socket and the WAL's append path."""
 
-    def __init__(self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float) -> None:
+    def __init__(
+        self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float
+    ) -> None:
         self.wal = wal
         self.chan = chan
         self.batch = batch
@@ -119,7 +120,10 @@ class Ingest:
 
     def _report(self) -> None:
         self._tell(
-            {"t": "stored", "counters": self.counters, "rejected_by": self.rejected_by, "last_seq": self.wal.last_seq, "wal_error": self.wal_error}
+            {
+                "t": "stored", "counters": self.counters, "rejected_by": self.rejected_by, "last_seq": self.wal.last_seq,
+                "wal_error": self.wal_error,
+            }
         )
 
     def _control(self) -> None:
@@ -171,10 +175,11 @@ class Ingest:
             ctx.term()
 
     def _collect(self, sock: zmq.Socket[bytes], linger: bool = True) -> int:
-        """Gather one batch: drain the queue (up to ``batch`` messages or ``MAX_BATCH_BYTES``), and keep gathering for up to ``group_commit_s``.
+        """Gather one batch: drain the queue, and keep gathering for up to ``group_commit_s``.
 
         A trickle of frames (a 1 kHz loop) then costs one fsync per interval, not one per frame;
-        a flush barrier in the batch, or a full batch, commits at once.
+        a flush barrier in the batch, or a full batch (``batch`` messages or ``MAX_BATCH_BYTES``),
+        commits at once.
         """
         raws: list[bytes] = []
         size = 0
@@ -364,7 +369,9 @@ def child_main(argv: list[str]) -> int:
     wal = Wal(Path(raw["wal"]), raw["wal_max_bytes"], raw["wal_sync"], state=False)
     tune_gc()
     try:
-        Ingest(wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"]).run()
+        Ingest(
+            wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"]
+        ).run()
     except (BrokenPipeError, ConnectionResetError):
         log.error("agent went away; ingest stops")
         return 1

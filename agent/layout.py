@@ -47,9 +47,10 @@ def _not_json(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # in CPython's json, not in the stubs
 _encode = (
-    json.encoder.c_make_encoder(None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
-    if json.encoder.c_make_encoder is not None
+    _c_make_encoder(None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    if _c_make_encoder is not None
     else None
 )
 
@@ -109,11 +110,11 @@ def track_lines(stamps: list[float], rows: list[dict[str, Any]]) -> bytes:
     if n == 0:
         return b""
     try:
-        chunk = _orjson_dumps([{"timestamp": ts, **f} for ts, f in zip(stamps, rows)])
+        chunk = _orjson_dumps([{"timestamp": ts, **f} for ts, f in zip(stamps, rows, strict=True)])
     except _OrjsonError:
-        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows)])
+        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows, strict=True)])
     if b"null" in chunk or chunk.count(_ROW_SEP) != n - 1:
-        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows)])
+        return b"".join([track_line(ts, f) for ts, f in zip(stamps, rows, strict=True)])
     return chunk[1:-1].replace(_ROW_SEP, b'}\n{"timestamp":') + b"\n"
 
 
@@ -271,7 +272,8 @@ def read_run(run: str) -> RunSeed:
     exp = exp if isinstance(exp, dict) else {}
     params = read_json(os.path.join(run, "parameters.json"))
     params = params if isinstance(params, dict) else {}
-    ours = exp.get("dashcar") if isinstance(exp.get("dashcar"), dict) else {}
+    ours = exp.get("dashcar")
+    ours = ours if isinstance(ours, dict) else {}
     logs = os.path.join(logs_dir(run), "logs.jsonl")
     seq = read_json(os.path.join(logs_dir(run), ".log_sequence"))
     n = count_lines(logs)[0]

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import TUNABLES
 
     p = argparse.ArgumentParser(prog="dashcar agent", description="Run the dashcar agent in the foreground.")
-    p.add_argument("--runtime-dir", help="sockets and lock (default: $DASHCAR_RUNTIME_DIR, $XDG_RUNTIME_DIR/dashcar, /tmp/dashcar-UID)")
+    p.add_argument(
+        "--runtime-dir", help="sockets and lock (default: $DASHCAR_RUNTIME_DIR, $XDG_RUNTIME_DIR/dashcar, /tmp/dashcar-UID)"
+    )
     p.add_argument("--state-dir", help="WAL and agent state (default: $DASHCAR_STATE_DIR, $XDG_STATE_HOME/dashcar)")
     p.add_argument("--config", help="TOML file with settings (overridden by DASHCAR_* variables and flags)")
     p.add_argument("--detach", action="store_true", help="run in the background, detached from the caller's session")
@@ -77,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         ensure_private_dir(cfg.runtime_dir)
         ensure_private_dir(cfg.state_dir)
     except ConfigError as exc:
-        print(f"dashcar agent: {exc}", file=sys.stderr)
+        sys.stderr.write(f"dashcar agent: {exc}\n")
         return STARTUP_FAILURE
     if args.detach:
         _detach()
     if not _take_lock(str(cfg.runtime_dir)):
-        print(f"dashcar agent: another agent already serves {cfg.runtime_dir}", file=sys.stderr)
+        sys.stderr.write(f"dashcar agent: another agent already serves {cfg.runtime_dir}\n")
         return ALREADY_RUNNING
     logs.setup(cfg.log_level)
     if cfg.nice:

@@ -121,7 +121,8 @@ class Agent:
         for reason, n in core["rejected_by"].items():
             rejected_by[reason] = rejected_by.get(reason, 0) + n
         sinks = {r.name: r.status() for r in self.runners}
-        barrier_errors = [s["error"] for r, s in zip(self.runners, sinks.values()) if r.sink.barrier and s["error"]]
+        # Not strict: two sinks of one name (two specs of one class) share an entry of ``sinks``.
+        barrier_errors = [s["error"] for r, s in zip(self.runners, sinks.values(), strict=False) if r.sink.barrier and s["error"]]
         return {
             "pid": os.getpid(),
             "ingest_pid": self.ingest.pid,
@@ -293,7 +294,9 @@ async def _in_thread(done: anyio.Event, fn: Any) -> None:
         done.set()
 
 
-async def serve(cfg: AgentConfig, *, handle_signals: bool = True, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    cfg: AgentConfig, *, handle_signals: bool = True, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED
+) -> None:
     """Run the agent until a stop signal or request; see the module docstring.
 
     ``task_status`` receives the running ``Agent`` once it is ready (tests run it in-process).
@@ -322,7 +325,7 @@ async def _serve(agent: Agent, handle_signals: bool, task_status: TaskStatus[Age
     async with anyio.create_task_group() as tg:
         tg.start_soon(_in_thread, ingest_done, agent.ingest.run)
         tg.start_soon(_in_thread, core_done, agent.core_loop)
-        for runner, done in zip(agent.runners, runners_done):
+        for runner, done in zip(agent.runners, runners_done, strict=True):
             tg.start_soon(_in_thread, done, runner.run)
         tg.start_soon(agent.watch)
         await tg.start(control.serve, cfg.runtime_dir, agent)
@@ -332,8 +335,8 @@ async def _serve(agent: Agent, handle_signals: bool, task_status: TaskStatus[Age
             log.error("ingest process not ready after %.0fs; still trying", INGEST_START_TIMEOUT_S)
         systemd.notify("READY=1")
         log.info(
-            "agent ready pid=%d ingest_pid=%s runtime_dir=%s state_dir=%s sinks=%s", os.getpid(), agent.ingest.pid, cfg.runtime_dir,
-            cfg.state_dir, ",".join(r.name for r in agent.runners),
+            "agent ready pid=%d ingest_pid=%s runtime_dir=%s state_dir=%s sinks=%s",
+            os.getpid(), agent.ingest.pid, cfg.runtime_dir, cfg.state_dir, ",".join(r.name for r in agent.runners),
         )
         task_status.started(agent)
         await agent.stop_requested.wait()

@@ -19,7 +19,7 @@ stream costs little to write, and the records stay until every sink has passed t
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple, Union, cast
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -118,7 +118,7 @@ class FlushedItem(NamedTuple):
     seq: int
 
 
-Item = Union[RunItem, ParamsItem, MetaItem, PointsItem, LogsItem, RowsItem, FlushedItem]
+Item = RunItem | ParamsItem | MetaItem | PointsItem | LogsItem | RowsItem | FlushedItem
 _TYPES: dict[int, Any] = {
     ItemKind.RUN: RunItem,
     ItemKind.PARAMS: ParamsItem,
@@ -151,7 +151,7 @@ class Batch(NamedTuple):
     def pack(self) -> bytes:
         """The stored form (without ``seq`` and ``size``, which the store knows; rows as references)."""
         items = [i[:6] if i.kind == ItemKind.ROWS else i for i in self.items]
-        return cast(bytes, msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.low, self.runs, items]))
+        return msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.low, self.runs, items])
 
 
 def unpack(seq: int, raw: bytes) -> Batch:

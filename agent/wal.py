@@ -74,7 +74,7 @@ def unkey(k: bytes) -> int:
 
 def pack(value: object) -> bytes:
     """How state values are stored."""
-    return cast(bytes, msgpack.packb(value))
+    return msgpack.packb(value)
 
 
 def unpack(raw: bytes) -> Any:
@@ -90,7 +90,7 @@ def _open(path: Path, map_size: int, sync: bool) -> lmdb.Environment:
         raise WALCorrupt(f"cannot open {path}: {exc}") from exc
 
 
-def _write(env: lmdb.Environment, fn: Callable[[lmdb.Transaction], None]) -> None:
+def _write(env: lmdb.Environment, fn: Callable[[lmdb.Transaction[bytes]], None]) -> None:
     """Run ``fn(txn)`` in one write transaction of ``env``; a full map is ``WALFull``."""
     try:
         with env.begin(write=True) as txn:
@@ -116,7 +116,7 @@ def _range(env: lmdb.Environment, db: Any, after: int, limit: int, max_bytes: in
     return out
 
 
-def _delete_upto(txn: lmdb.Transaction, db: Any, upto: int) -> int:
+def _delete_upto(txn: lmdb.Transaction[bytes], db: Any, upto: int) -> int:
     """Delete the keys at or below ``upto`` (big-endian keys: bytewise order is numeric order)."""
     deleted = 0
     end = _U64.pack(upto)
@@ -167,9 +167,11 @@ class Wal:
         if records and self.used_bytes() + incoming > self.max_bytes * APPEND_SHARE:
             raise WALFull(f"WAL at {self.path} is at {APPEND_SHARE:.0%} of its {self.max_bytes}-byte cap")
 
-        def put(txn: lmdb.Transaction) -> None:
+        def put(txn: lmdb.Transaction[bytes]) -> None:
             pack_key = _U64.pack
-            _, added = txn.cursor(db=self.wal).putmulti([(pack_key(seq), rec) for seq, rec in enumerate(records, first)], append=True)
+            _, added = txn.cursor(db=self.wal).putmulti(
+                [(pack_key(seq), rec) for seq, rec in enumerate(records, first)], append=True
+            )
             if added != len(records):
                 raise WALError(f"WAL at {self.path} already holds seq {first}: another process appends to it")
             for name, value in meta.items():
@@ -235,10 +237,9 @@ class Wal:
         ``wal_upto``: records at or below it go; ``out_upto``: stream batches at or below it go.
         """
 
-        def put(txn: lmdb.Transaction) -> None:
-            if batch is not None:
-                if not txn.put(_U64.pack(batch[0]), batch[1], db=self.out, overwrite=False):
-                    raise WALError(f"stream batch {batch[0]} already exists in {self.path}")
+        def put(txn: lmdb.Transaction[bytes]) -> None:
+            if batch is not None and not txn.put(_U64.pack(batch[0]), batch[1], db=self.out, overwrite=False):
+                raise WALError(f"stream batch {batch[0]} already exists in {self.path}")
             for k in deletes:
                 txn.delete(k, db=self.core)
             for k, v in puts.items():
@@ -272,7 +273,7 @@ class Wal:
             if cur.set_range(_U64.pack(after + 1)):
                 doomed = [bytes(k) for k in cur.iternext(keys=True, values=False)]
 
-        def drop(txn: lmdb.Transaction) -> None:
+        def drop(txn: lmdb.Transaction[bytes]) -> None:
             for k in doomed:
                 txn.delete(k, db=self.out)
 
@@ -354,7 +355,7 @@ class SinkState:
             puts.update(extra)
         p = self.prefix
 
-        def put(txn: lmdb.Transaction) -> None:
+        def put(txn: lmdb.Transaction[bytes]) -> None:
             for k in self.deletes:
                 if k not in puts:
                     txn.delete(p + k, db=self.db)

@@ -78,4 +78,4 @@ def render() -> str:
 
 if __name__ == "__main__":
     OUT.write_text(render())
-    print(f"wrote {OUT}")  # noqa: T201
+    print(f"wrote {OUT}")

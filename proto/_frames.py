@@ -446,7 +446,10 @@ def _check_fast(values: object) -> None:
             p = values[7]
             if head[0] == _TRACK_KIND and type(p) is list and len(p) == 3:
                 topic, ts, fields = p
-                if type(topic) is str and topic in _checked_names and type(ts) is float and _isfinite(ts) and type(fields) is dict:
+                if (
+                    type(topic) is str and topic in _checked_names and type(ts) is float and _isfinite(ts)
+                    and type(fields) is dict
+                ):
                     return
             _payload(_KINDS[head[0]], p, False)
             return
@@ -471,7 +474,7 @@ def check_record(record: bytes) -> list[list[Any]]:
     if type(raw) is list and raw and type(raw[0]) is list:
         for values in raw:
             _check_fast(values)
-        return raw  # type: ignore[no-any-return]
+        return raw
     _check_fast(raw)
     return [raw]
 

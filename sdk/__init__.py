@@ -33,6 +33,7 @@ MetricBuilder = Series
 __version__ = "0.1.0"
 
 __all__ = [
+    "RUN",
     "BufferManager",
     "ConfigError",
     "DashcarError",
@@ -43,7 +44,6 @@ __all__ = [
     "MetricsManager",
     "ParametersBuilder",
     "ParamsBuilder",
-    "RUN",
     "RunConfig",
     "RunContext",
     "Series",

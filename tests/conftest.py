@@ -11,7 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,14 +139,16 @@ def agent_factory(dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 @pytest.fixture
-def agent(agent_factory: Any) -> AgentHandle:
+def agent(agent_factory: Callable[..., AgentHandle]) -> AgentHandle:
     """A running agent with a short merge window."""
     return agent_factory("--merge-window-s", "0.2").start()
 
 
 def run_producer(code: str, env: dict[str, str], timeout_s: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run producer code in a fresh Python process; fail with its output if it fails."""
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout_s, **kw)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout_s, **kw
+    )
     assert res.returncode == 0, f"producer failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
     return res
 

@@ -139,8 +139,8 @@ class JsonlSink:
         if st is None:
             st = self.runs[path] = {
                 "root": "", "prefix": "", "info": {}, "created_at": iso(time.time()), "status": "running", "reason": None,
-                "closed_at": None, "counters": {}, "params": None, "files": [p for p, f in self.files.items() if f["run"] == path],
-                "final": False,
+                "closed_at": None, "counters": {}, "params": None,
+                "files": [p for p, f in self.files.items() if f["run"] == path], "final": False,
             }
             for sub in ("logs", "metrics", "files"):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
@@ -295,7 +295,7 @@ class JsonlSink:
         else:
             end = self._end(tpath, fs)
             pos, existing = layout.tail_rows(lambda a, b: self._read(tpath, a, b), end, first)
-            merged, _ = merge.merge_rows([*existing, *zip(stamps, rows)])
+            merged, _ = merge.merge_rows([*existing, *zip(stamps, rows, strict=True)])
             data = layout.track_lines([ts for ts, _ in merged], [f for _, f in merged])
             ov = self._send.overlays.get(tpath)
             if ov is not None and pos >= ov[0]:
@@ -403,7 +403,9 @@ class JsonlSink:
         params = run.get("params")
         if params and (run.get("params_dirty") or all_files):
             now = iso(time.time())
-            doc = {"version": params["version"], "data": params["data"], "createdAt": params["createdAt"] or now, "updatedAt": now}
+            doc = {
+                "version": params["version"], "data": params["data"], "createdAt": params["createdAt"] or now, "updatedAt": now,
+            }
             with layout.locked(os.path.join(path, ".parameters.lock")):
                 layout.write_atomic(os.path.join(path, "parameters.json"), layout.dumps(doc))
             run["params_dirty"] = False
@@ -420,7 +422,11 @@ class JsonlSink:
         now = iso(time.time())
         if fs["kind"] == "metric":
             name = fs["name"]
-            ident = ("metricId", f"local-metric-{name}") if fs.get("folder", "metrics") == "metrics" else ("trackId", f"local-track-{name}")
+            ident = (
+                ("metricId", f"local-metric-{name}")
+                if fs.get("folder", "metrics") == "metrics"
+                else ("trackId", f"local-track-{name}")
+            )
             meta = {
                 ident[0]: ident[1], "name": name, "description": fs.get("description"), "tags": fs.get("tags") or [],
                 "metadata": fs.get("metadata"), "totalDataPoints": fs["n"], "nextIndex": fs["n"],

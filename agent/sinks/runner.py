@@ -31,7 +31,7 @@ import orjson
 
 from ..core import Core
 from ..errors import SinkRejected, SinkRetryable
-from ..stream import Batch, Item, ItemKind
+from ..stream import Batch, FlushedItem, Item
 from ..wal import SinkState, Wal
 from . import Rejected, Sink
 
@@ -43,7 +43,6 @@ BATCHES_PER_SEND: Final = 8
 IDLE_WAIT_S: Final = 0.5
 WARN_INTERVAL_S: Final = 60.0
 """A sink that keeps failing is reported at WARNING once a minute (each attempt at DEBUG)."""
-_FLUSHED: Final = int(ItemKind.FLUSHED)
 
 
 def backoff(attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S, rand: float | None = None) -> float:
@@ -176,7 +175,7 @@ class Runner:
             self._failed(exc, "commit")
             return False
         self.sink.committed(batches)
-        acks = [(i.sid, i.seq) for b in batches for i in b.items if i.kind == _FLUSHED]
+        acks = [(i.sid, i.seq) for b in batches for i in b.items if isinstance(i, FlushedItem)]
         with self.cond:
             for sid, seq in acks:
                 if seq > self.flushed.get(sid, 0):

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import math
 
 from dashcar.agent.merge import OpenRows, flatten, merge_rows
 
 keys = st.sampled_from(["q", "qd", "tau", "g", "x"])
 leaf = st.integers(0, 3) | st.floats(allow_nan=False, allow_infinity=False, width=32)
 entries = st.lists(
-    st.tuples(st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0]), st.dictionaries(keys, leaf | st.dictionaries(keys, leaf, max_size=2), max_size=3)),
+    st.tuples(
+        st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0]),
+        st.dictionaries(keys, leaf | st.dictionaries(keys, leaf, max_size=2), max_size=3),
+    ),
     max_size=30,
 )
 

@@ -16,7 +16,9 @@ from tests.conftest import read_jsonl
 pytestmark = pytest.mark.anyio
 
 
-async def test_serve_hands_the_running_agent_to_its_starter_and_stops_on_request(dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_serve_hands_the_running_agent_to_its_starter_and_stops_on_request(
+    dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DASHCAR_AUTOSPAWN", "0")
     cfg = config.load({}, {"runtime_dir": str(dirs / "rt"), "state_dir": str(dirs / "state"), "merge_window_s": 0.05})
     ensure_private_dir(cfg.runtime_dir)

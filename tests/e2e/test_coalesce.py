@@ -59,7 +59,9 @@ def test_frames_grouped_in_a_killed_producer_are_counted(agent: AgentHandle, pro
     proc = producers(
         f"""
         import sys, dashcar
-        exp = dashcar.Experiment(prefix="lab/co/killed", dash_root={str(agent.data_dir)!r}, coalesce_ms=100, echo_logs=False).start()
+        exp = dashcar.Experiment(
+            prefix="lab/co/killed", dash_root={str(agent.data_dir)!r}, coalesce_ms=100, echo_logs=False
+        ).start()
         exp.tracks("t").append(i=-1, _ts=-2.0)
         assert exp.flush()
         for i in range({grouped}):

@@ -131,7 +131,9 @@ def test_forked_child_logs_under_its_own_identity_and_nothing_twice(agent: Agent
     exp.complete()
     rows = read_jsonl(exp.run_dir / "tracks" / "t" / "data.jsonl")
     assert rows == [{"timestamp": 0.0, "parent": 1}, {"timestamp": 1.0, "child": 1}, {"timestamp": 2.0, "parent": 2}]
-    wait_until(lambda: read_json(exp.run_dir / "experiment.json")["status"] == "completed", 10, "run closed once the child is gone")
+    wait_until(
+        lambda: read_json(exp.run_dir / "experiment.json")["status"] == "completed", 10, "run closed once the child is gone"
+    )
 
 
 def test_frames_dying_in_a_killed_producers_queue_are_counted(agent: AgentHandle, producers: Any) -> None:
@@ -190,7 +192,9 @@ def test_ingest_process_killed_alone_is_replaced_and_losses_are_counted(agent: A
     assert proc.stdout is not None and proc.stdout.readline().strip() == "flushed"
     first = agent.status()["ingest_pid"]
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: agent.status()["ingest_restarts"] == 1 and agent.status()["ingest_pid"] != first, 20, "a new ingest process")
+    wait_until(
+        lambda: agent.status()["ingest_restarts"] == 1 and agent.status()["ingest_pid"] != first, 20, "a new ingest process"
+    )
     assert proc.wait(120) == 0
     run = agent.data_dir / "lab" / "robot" / "ingest-killed"
     wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 30, "run completed")

@@ -109,7 +109,7 @@ def test_random_agent_kills_lose_nothing_stored_and_duplicate_nothing(
     assert sent >= PRODUCERS * frames_sent(ENTRIES)
 
     def accounted() -> int:
-        fr = agent.status()["frames"]
+        fr: dict[str, int] = agent.status()["frames"]
         return fr["written"] + fr["control"] + fr["missing"] + fr["dropped_by_producers"] + fr["lost_in_producer_queue"]
 
     wait_until(lambda: accounted() == sent, 30, f"every one of {sent} frames on disk or counted")

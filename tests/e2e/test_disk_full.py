@@ -65,7 +65,7 @@ def test_full_data_disk_and_full_wal_drop_count_and_recover(small_disk: Path, ag
     try:
         wait_until(lambda: (read_json(run / "experiment.json") or {}).get("status") == "completed", 60, "run completed")
     except AssertionError:
-        print(agent.status(), agent.log()[-3000:])
+        print(agent.status(), agent.log()[-3000:])  # noqa: T201 - pytest shows it with the failure
         raise
     st = wait_until(lambda: (s := agent.status())["wal"]["backlog"] == 0 and s, 30, "the backlog written")
     assert st["sink"]["error"] is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -29,7 +30,8 @@ def _rank(root: str, prefix: str, rank: int, shared_ts: bool, env: dict[str, str
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_multiprocessing_start_methods(agent: AgentHandle, method: str) -> None:
-    ctx = mp.get_context(method)
+    # The stubs give BaseContext (no .Process) for a str; the three methods' contexts all have it.
+    ctx = cast("ForkContext | SpawnContext | ForkServerContext", mp.get_context(method))
     procs = [ctx.Process(target=_rank, args=(str(agent.data_dir), f"mp/{method}/run", r, True, agent.env())) for r in range(3)]
     for p in procs:
         p.start()
@@ -95,11 +97,11 @@ def test_dataloader_style_workers_inherit_the_experiment(agent: AgentHandle) -> 
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     workers = [ctx.Process(target=_worker, args=(exp, w, q)) for w in range(4)]
-    for w in workers:
-        w.start()
+    for proc in workers:
+        proc.start()
     assert [q.get(timeout=60) for _ in workers] == [True] * 4
-    for w in workers:
-        w.join(30)
+    for proc in workers:
+        proc.join(30)
     exp.metrics("main").log(step=1)
     exp.complete()
     run = agent.data_dir / "loader" / "workers" / "run"

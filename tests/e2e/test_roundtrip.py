@@ -40,7 +40,9 @@ def test_every_kind_lands_in_the_ml_dash_layout(agent: AgentHandle) -> None:
     assert read_jsonl(run / "tracks" / "robot_state" / "data.jsonl") == [{"timestamp": 1.0, "q": [0.1, 0.2]}]
     assert read_json(run / "tracks" / "robot_state" / "metadata.json")["topic"] == "robot/state"
     logs = read_jsonl(run / "logs" / "logs.jsonl")
-    assert [(entry["sequenceNumber"], entry["level"], entry["message"]) for entry in logs] == [(0, "info", "started"), (1, "warn", "careful")]
+    assert [(entry["sequenceNumber"], entry["level"], entry["message"]) for entry in logs] == [
+        (0, "info", "started"), (1, "warn", "careful"),
+    ]
     assert logs[0]["metadata"] == {"gpu": 0} and "metadata" not in logs[1]
     assert (run / "logs" / ".log_sequence").read_text() == "2"
     meta = read_json(run / "experiment.json")

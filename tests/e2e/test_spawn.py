@@ -102,7 +102,10 @@ def _is_agent_for(pid: str, rd: Path) -> bool:
 
 def test_autospawn_off_never_starts_an_agent(spawn_env: dict[str, str], dirs: Path) -> None:
     env = {**spawn_env, "DASHCAR_AUTOSPAWN": "0", "DASHCAR_LINGER_MS": "0"}
-    code = "import sys, dashcar\nexp = dashcar.Experiment(prefix='a/b/c', dash_root=sys.argv[1]).start()\nexp.tracks('t').append(x=1, _ts=1.0)\n"
+    code = (
+        "import sys, dashcar\nexp = dashcar.Experiment(prefix='a/b/c', dash_root=sys.argv[1]).start()\n"
+        "exp.tracks('t').append(x=1, _ts=1.0)\n"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(dirs / "data")], env=env, capture_output=True, timeout=60)
     assert res.returncode == 0
     assert not _agent.agent_running(dirs / "rt")

@@ -56,7 +56,7 @@ def test_log_builder_levels_and_echo_switch(agent: AgentHandle, capsys: pytest.C
     with dashcar.Experiment(prefix="a/logs/builder", dash_root=agent.data_dir, echo_logs=False).run as exp:
         exp.logs.debug("d", step=1)
         exp.logs.info("i")
-        exp.logs.warn("w", memory_available="1GB")
+        exp.logs.warn("w", memory_available="1GB")  # noqa: G010 - ML-Dash's LogBuilder.warn is under test, not logging's
         exp.logs.error("e", error_code=500)
         exp.logs.fatal("f")
         exp.log("x", level="warning", metadata={"a": 1}, b=2)

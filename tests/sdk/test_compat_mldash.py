@@ -61,7 +61,9 @@ def compare(root: str, prefix: str) -> None:
         ref = pq.read_table(io.BytesIO(t.tracks("robot/pos").read(format="parquet"))).to_pylist()
         assert mine == ref
         assert ours.params.get() == t.params.get() and ours.params.get(flatten=False) == t.params.get(flatten=False)
-        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == t.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155)
+        assert ours.tracks("robot/pos").slice(0.1, 0.3).findByTime(0.155) == t.tracks("robot/pos").slice(0.1, 0.3).findByTime(
+            0.155
+        )
 
 
 def test_ml_dash_reads_what_dashcar_wrote(agent: AgentHandle) -> None:
@@ -188,4 +190,6 @@ def test_the_same_script_writes_the_same_run_through_ml_dash_and_dashcar(agent: 
             _same_content(name, json.loads(theirs_path.read_text()), json.loads(ours_path.read_text()))
         elif not name.endswith(".lock"):
             assert ours_path.read_bytes() == theirs_path.read_bytes(), name
-    assert read_jsonl(ours_dir / "tracks" / "robot_pos" / "data.jsonl") == read_jsonl(theirs_dir / "tracks" / "robot_pos" / "data.jsonl")
+    assert read_jsonl(ours_dir / "tracks" / "robot_pos" / "data.jsonl") == read_jsonl(
+        theirs_dir / "tracks" / "robot_pos" / "data.jsonl"
+    )
