@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_CLOSED_RUNS: Final = 10_000
 RECENT_BATCHES: Final = 4
-RECENT_BYTES: Final = 4 << 20
+RECENT_BYTES: Final = 2 << 20
 """Stream batches kept decoded in memory (at most this many, of this packed size together), so
 sinks that keep up never unpack them; decoded, a batch takes several times its packed size."""
 WARN_INTERVAL_S: Final = 10.0
@@ -244,6 +244,16 @@ class Core:
             log_seq=seed.log_seq,
         )
 
+    def _closed_run(self, path: str) -> Run | None:
+        """A closed run back in memory (a barrier or close after its end still counts for it), or None
+        if the core never met it: a control frame alone opens no run."""
+        stored = self.wal.core_get(b"r:" + path.encode())
+        if stored is None:
+            return None
+        run = self.book.runs[path] = Run.from_state(path, stored)
+        self.book.dirty_runs.add(path)
+        return run
+
     def _count_series(self, run: Run, folder: str, name: str | None) -> int:
         return layout.count_lines(os.path.join(layout.series_dir(run.path, folder, name), "data.jsonl"))[0]
 
@@ -320,7 +330,7 @@ class Core:
         path = self._paths.get((root, prefix)) or self._run_path(root, prefix)
         s.runs[path] = s.runs.get(path, 0) + 1
         if kind in (_FLUSH, _RUN_CLOSE):
-            known = book.runs.get(path)
+            known = book.runs.get(path) or self._closed_run(path)
             if not book.admit(producer, seq, known):
                 return
             book.count(known, "control_frames")

@@ -98,6 +98,9 @@ class Ingest:
         self.wal = wal
         self.chan = chan
         self.batch = batch
+        self.max_batch_bytes = min(MAX_BATCH_BYTES, max(64 << 10, wal.max_bytes // 64))
+        """A batch never takes more than a small share of a small WAL: the append check must not
+        refuse a burst that the cap could hold."""
         self.group_commit_s = group_commit_s
         self.endpoint = f"ipc://{runtime_dir / INGEST_SOCKET}"
         self._sock_path = runtime_dir / INGEST_SOCKET
@@ -178,7 +181,7 @@ class Ingest:
         """Gather one batch: drain the queue, and keep gathering for up to ``group_commit_s``.
 
         A trickle of frames (a 1 kHz loop) then costs one fsync per interval, not one per frame;
-        a flush barrier in the batch, or a full batch (``batch`` messages or ``MAX_BATCH_BYTES``),
+        a flush barrier in the batch, or a full batch (``batch`` messages or ``max_batch_bytes``),
         commits at once.
         """
         raws: list[bytes] = []
@@ -188,7 +191,7 @@ class Ingest:
         recv = sock.recv
         while True:
             try:
-                while len(raws) < self.batch and size < MAX_BATCH_BYTES:
+                while len(raws) < self.batch and size < self.max_batch_bytes:
                     raw = recv(zmq.NOBLOCK)
                     raws.append(raw)
                     size += len(raw)
@@ -197,7 +200,7 @@ class Ingest:
             except zmq.Again:
                 emptied = True
             left = deadline - time.monotonic()
-            if not linger or barrier or len(raws) >= self.batch or size >= MAX_BATCH_BYTES or left <= 0:
+            if not linger or barrier or len(raws) >= self.batch or size >= self.max_batch_bytes or left <= 0:
                 break
             sock.poll(max(1, int(left * 1000)))
         if not raws:

@@ -86,6 +86,7 @@ class JsonlSink:
         self.files = {k[2:].decode(): v for k, v in state.items(b"f:")}
         self._send = _Send()
         self._applied = []
+        self._dropping = set()
         redos = state.items(b"x:")
         for k, (pos, data) in redos:
             self._apply_redo(k[2:].decode(), pos, data)
@@ -357,22 +358,26 @@ class JsonlSink:
         self._dropping = dropping
 
     def committed(self, batches: list[Batch]) -> None:
-        """Apply tail rewrites, replace derived files, forget runs whose final state is on disk."""
+        """Apply tail rewrites, replace derived files, forget runs whose final state is on disk.
+
+        :raises SinkRetryable: a file could not be written (a full disk); the runner reopens the
+            sink, and recovery applies the rewrites and replaces every derived file again.
+        """
         snd = self._send
-        try:
-            for fpath, (pos, data) in snd.redos.items():
-                self._apply_redo(fpath, pos, data)
-            for path in snd.runs:
-                if path in self.runs and path not in self._dropping:
-                    self._write_derived_run(path, files=snd.files)
-        except OSError as exc:
-            log.error("writing derived files failed (rewritten on recovery): %s", exc)
         self._applied = list(snd.redos)
         for path in self._dropping:
             run = self.runs.pop(path)
             for fpath in run["files"]:
                 self.files.pop(fpath, None)
         self._drop_next = (self._drop_next - self._dropping) | snd.final
+        try:
+            for fpath, (pos, data) in snd.redos.items():
+                self._apply_redo(fpath, pos, data)
+            for path in snd.runs:
+                if path in self.runs:
+                    self._write_derived_run(path, files=snd.files)
+        except OSError as exc:
+            raise SinkRetryable(f"writing after the commit failed, recovery writes it again: {exc}") from exc
 
     def _write_derived_run(self, path: str, *, files: set[str] | None = None, all_files: bool = False) -> None:
         """Replace the run's derived files; ``experiment.json`` last, since its status says the run is done."""

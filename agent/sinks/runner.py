@@ -174,7 +174,12 @@ class Runner:
             self._opened = False
             self._failed(exc, "commit")
             return False
-        self.sink.committed(batches)
+        try:
+            self.sink.committed(batches)
+        except Exception as exc:
+            self._opened = False
+            self._failed(exc, "after commit")
+            return True
         acks = [(i.sid, i.seq) for b in batches for i in b.items if isinstance(i, FlushedItem)]
         with self.cond:
             for sid, seq in acks:

@@ -15,15 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from dashcar.agent import layout
 from dashcar.agent.core import Core
 from dashcar.agent.sinks import jsonl
 from dashcar.agent.sinks.runner import Runner
 from dashcar.agent.wal import SinkState, Wal
-from dashcar.proto import Flush, Frame, Kind, Metric, Track, encode
+from dashcar.proto import Flush, Frame, Kind, Metric, RunClose, Track, encode
 
 PREFIX = "model/run/one"
 SID = 77
@@ -237,4 +239,35 @@ def test_a_tail_rewrite_is_never_applied_again_over_later_appends() -> None:
     m.settle_all()
     m.clean_restart()
     m.files_are_well_formed()
+    m.teardown()
+
+
+def test_a_run_closed_while_its_files_cannot_be_written_gets_its_final_files_once_they_can(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (soak, full data disk): a final ``experiment.json`` that failed to be written is
+    written by the sink's recovery, before the run's state is dropped, not left stale."""
+    m = WalCoreSinkMachine()
+    m.setup()
+    m.metric(value=1)
+    m.metric(value=2)
+    m.append(Kind.RUN_CLOSE, RunClose("completed", None, 0))
+    real = layout.write_atomic
+    full = {"on": True}
+
+    def write_atomic(path: str, text: str, *, durable: bool = False) -> None:
+        if full["on"] and path.endswith("experiment.json"):
+            raise OSError(28, "No space left on device")
+        real(path, text, durable=durable)
+
+    monkeypatch.setattr(layout, "write_atomic", write_atomic)
+    m.settle_all()
+    exp = Path(m.root, *PREFIX.split("/"), "experiment.json")
+    assert m.runner.error and "No space left" in m.runner.error and not exp.exists()
+    full["on"] = False
+    m.settle_all()
+    meta = json.loads(exp.read_text())
+    assert meta["status"] == "completed" and meta["dashcar"]["counters"]["points"] == 2
+    m.metric(value=3)
+    m.settle_all()
     m.teardown()
