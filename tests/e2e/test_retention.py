@@ -2,7 +2,9 @@
 
 The lagging sink is a real sink class loaded by the agent from the tests (``--sinks``), not a
 mock of the core: an endless outage. Near the cap its cursor jumps ahead; what it skipped is
-counted for it and per run, while every frame still lands in JSONL exactly once."""
+counted for it and per run, while every frame still lands in JSONL exactly once. The producer
+logs at a rate the core keeps up with even on a busy machine (about 10 000 frames/s): what
+fills the WAL here is the lagging sink's backlog, not frames waiting for the core."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from tests.conftest import AgentHandle, read_json, read_jsonl, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CAP = 8 * 1024 * 1024
-N = 80_000
-PAD = "x" * 400
+N = 40_000
+PAD = "x" * 800
 
 
 def test_a_sink_that_never_catches_up_costs_local_files_nothing(
@@ -33,7 +35,7 @@ def test_a_sink_that_never_catches_up_costs_local_files_nothing(
         exp = dashcar.Experiment(prefix="lab/retention/run", dash_root={str(agent.data_dir)!r}, echo_logs=False).start()
         for i in range({N}):
             exp.tracks("arm").append(i=i, pad={PAD!r}, _ts=i * 0.001)
-            if i % 500 == 499:
+            if i % 100 == 99:
                 time.sleep(0.01)
         exp.complete()
         print("done", flush=True)
