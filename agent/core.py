@@ -55,7 +55,7 @@ from .wal import CORE_SHARE, Wal, key
 log = logging.getLogger(__name__)
 
 MAX_CLOSED_RUNS: Final = 10_000
-RECENT_BATCHES: Final = 4
+RECENT_BATCHES: Final = 2
 RECENT_BYTES: Final = 2 << 20
 """Stream batches kept decoded in memory (at most this many, of this packed size together), so
 sinks that keep up never unpack them; decoded, a batch takes several times its packed size."""
@@ -107,7 +107,7 @@ class Core:
         merge_window_s: float = 1.0,
         max_open_rows: int = 20_000,
         batch_records: int = 8192,
-        batch_bytes: int = 2 << 20,
+        batch_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sinks_passed: Callable[[], int] | None = None,
@@ -555,20 +555,29 @@ class Core:
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ readers
-    def batches(self, after: int, limit: int) -> list[Batch]:
-        """Stream batches after ``after`` (at most ``limit``), from memory when still there."""
+    def batches(self, after: int, limit: int, max_frames: int = 1 << 62) -> list[Batch]:
+        """Stream batches after ``after``: at most ``limit``, and no more frames than ``max_frames``
+        unless the first alone has more. Batches still in memory are not read or decoded again."""
         out: list[Batch] = []
+        frames = 0
         seq = after + 1
         while len(out) < limit and seq <= self.out_seq:
             b = self.recent.get(seq)
             if b is None:
                 break
+            if out and frames + b.frames > max_frames:
+                return out
             out.append(b)
+            frames += b.frames
             seq += 1
         if len(out) < limit and seq <= self.out_seq:
             for s, raw in self.wal.read_out(seq - 1, limit - len(out)):
                 hit = self.recent.get(s)
-                out.append(hit if hit is not None else self.materialize(unpack(s, raw)))
+                b = hit if hit is not None else unpack(s, raw)
+                if out and frames + b.frames > max_frames:
+                    break
+                out.append(b if hit is not None else self.materialize(b))
+                frames += b.frames
         return out
 
     def summaries(self, after: int, limit: int) -> list[Summary]:

@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S: Final = 0.05
 BACKOFF_CAP_S: Final = 30.0
-BATCHES_PER_SEND: Final = 8
+BATCHES_PER_SEND: Final = 64
+FRAMES_PER_SEND: Final = 8192
+"""A send gets at most this many frames' worth of batches (one batch, if it alone has more):
+decoded, stream batches take many times their stored size."""
 IDLE_WAIT_S: Final = 0.5
 WARN_INTERVAL_S: Final = 60.0
 """A sink that keeps failing is reported at WARNING once a minute (each attempt at DEBUG)."""
@@ -135,7 +138,7 @@ class Runner:
             return False
         if self._skip_to > self.cursor:
             self._skip()
-        batches = self.core.batches(self.cursor, BATCHES_PER_SEND)
+        batches = self.core.batches(self.cursor, BATCHES_PER_SEND, FRAMES_PER_SEND)
         return bool(batches) and self._deliver(batches)
 
     def stop(self) -> None:
