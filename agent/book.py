@@ -73,6 +73,11 @@ class Run:
     """Topic → the largest timestamp settled so far (a later row at or below it is late)."""
     dirs: dict[str, str] = field(default_factory=dict)
     """Track directory name → the topic that owns it."""
+    local: bool = True
+    """False for a run that keeps no local files (``dash_root=None``): only remote sinks get it."""
+    dash_url: str | None = None
+    token: str | None = None
+    """The run's own ML-Dash server and token (kept in the core's 0600 state, never in its info)."""
 
     def to_state(self) -> dict[str, Any]:
         """The stored form."""
@@ -81,7 +86,7 @@ class Run:
             "status": self.status, "reason": self.reason, "closed_at": self.closed_at, "producers": self.producers,
             "owners": self.owners, "counters": self.counters, "params": self.params, "params_version": self.params_version,
             "params_created": self.params_created, "series": self.series, "log_seq": self.log_seq, "topics": self.topics,
-            "dirs": self.dirs,
+            "dirs": self.dirs, "local": self.local, "dash_url": self.dash_url, "token": self.token,
         }
 
     @classmethod
@@ -191,7 +196,18 @@ class Book:
                 run.status, run.reason, run.closed_at = "running", None, None
 
     def open_run(self, sid: int, run: Run, info: dict[str, Any]) -> None:
-        """A ``RUN_OPEN``: the producer owns the run; its info lands in ``experiment.json``."""
+        """A ``RUN_OPEN``: the producer owns the run; its info lands in ``experiment.json``.
+
+        ``dash_url``, ``dash_token`` and ``local`` are taken out of the info first: where the run
+        ships to and whether it keeps files, and the token, which must never reach a file.
+        """
+        info = dict(info)
+        url, token, local = info.pop("dash_url", None), info.pop("dash_token", None), info.pop("local", True)
+        if isinstance(url, str) and url:
+            run.dash_url = url.rstrip("/")
+            run.token = token if isinstance(token, str) and token else None
+        if local is False:
+            run.local = False
         run.info.update(info)
         if sid not in run.owners:
             run.owners.append(sid)

@@ -37,6 +37,18 @@ class AgentConfig:
     log_level: str = "INFO"
     sinks: str = "jsonl"
     """Comma-separated sink names (``dashcar.agent.sinks.REGISTRY``) or ``module:Class`` specs."""
+    dash_url: str = ""
+    """ML-Dash server every run ships to (a run's own ``dash_url`` wins); empty: only runs that ask."""
+    dash_token_file: str = ""
+    """File holding the token for ``dash_url`` (a run's own token wins)."""
+    archive_uri: str = ""
+    """``s3://bucket/prefix`` or ``file:///path``: every run also goes there as Parquet; empty: off."""
+    archive_endpoint: str = ""
+    """S3 endpoint for MinIO, Ceph, SeaweedFS (else ``AWS_ENDPOINT_URL``, else AWS)."""
+    archive_roll_rows: int = 100_000
+    archive_roll_bytes: int = 8 << 20
+    archive_roll_s: float = 60.0
+    """An archive object is written once it has this many rows, this many bytes, this age, or its run ended."""
 
     def sink_specs(self) -> list[str]:
         """The sinks to run, in order, each once."""

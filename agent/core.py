@@ -430,7 +430,7 @@ class Core:
                 log.info("run=%s closed status=%s", path, run.status)
             items.append(RunItem(
                 ItemKind.RUN, path, run.root, run.prefix, run.info, run.created_at, run.status, run.reason, run.closed_at,
-                dict(run.counters), done,
+                dict(run.counters), done, run.local, run.dash_url, run.token,
             ))
         items.extend(body)
         items.extend(rows_items)
@@ -444,7 +444,7 @@ class Core:
                 if refs[0] < low:
                     low = refs[0]
         self.out_seq += 1
-        batch = Batch(self.out_seq, self.wall(), s.frames, self.total_frames, self.total_bytes, low, s.runs, items, 0)
+        batch = Batch(self.out_seq, self.wall(), s.frames, self.total_frames, self.total_bytes, low, s.runs, final, items, 0)
         packed = batch.pack()
         batch = batch._replace(size=len(packed))
         self.total_frames += s.frames
@@ -585,7 +585,7 @@ class Core:
         out: list[Summary] = []
         for seq, raw in self.wal.read_out(after, limit):
             b = self.recent.get(seq)
-            out.append(Summary(*b[:7], b.size) if b is not None else summary(seq, raw))
+            out.append(Summary(*b[:8], b.size) if b is not None else summary(seq, raw))
         return out
 
     def open_rows(self) -> int:

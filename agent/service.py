@@ -109,7 +109,7 @@ class Agent:
 
     def sinks_passed(self) -> int:
         """The last stream batch every sink has committed (what retention may delete)."""
-        return min((r.cursor for r in self.runners), default=self.core.out_seq)
+        return min((r.durable for r in self.runners), default=self.core.out_seq)
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
@@ -318,10 +318,26 @@ async def serve(
 
 async def _serve(agent: Agent, handle_signals: bool, task_status: TaskStatus[Agent]) -> None:
     """Start the threads, the ingest process and the tasks; serve until a stop, then drain in order."""
-    cfg = agent.cfg
     ingest_done, core_done = anyio.Event(), anyio.Event()
     runners_done = [anyio.Event() for _ in agent.runners]
     agent.core.recover()
+    try:
+        await _run(agent, handle_signals, task_status, ingest_done, core_done, runners_done)
+    finally:
+        # Whatever ended the service (a stop, or a cancellation from the caller), no worker
+        # thread may be left running: they are told to finish.
+        agent.ingest.request_stop()
+        agent.stop_core.set()
+        agent.wakeup.set()
+        for r in agent.runners:
+            r.stop()
+
+
+async def _run(
+    agent: Agent, handle_signals: bool, task_status: TaskStatus[Agent], ingest_done: anyio.Event, core_done: anyio.Event,
+    runners_done: list[anyio.Event],
+) -> None:
+    cfg = agent.cfg
     async with anyio.create_task_group() as tg:
         tg.start_soon(_in_thread, ingest_done, agent.ingest.run)
         tg.start_soon(_in_thread, core_done, agent.core_loop)

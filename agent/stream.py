@@ -37,7 +37,12 @@ class ItemKind(enum.IntEnum):
 
 
 class RunItem(NamedTuple):
-    """A run's state: identity, info, status and counters (``final``: closed and all settled)."""
+    """A run's state: identity, info, status and counters (``final``: closed and all settled).
+
+    ``local`` false: the run keeps no local files (``dash_root=None``). ``dash_url`` and
+    ``token`` are where the run ships to, if it asked; the token is for the ML-Dash sink only
+    and never lands in a file, a log line or a status answer.
+    """
 
     kind: int
     run: str
@@ -50,6 +55,9 @@ class RunItem(NamedTuple):
     closed_at: str | None
     counters: dict[str, int]
     final: bool
+    local: bool = True
+    dash_url: str | None = None
+    token: str | None = None
 
 
 class ParamsItem(NamedTuple):
@@ -135,7 +143,8 @@ class Batch(NamedTuple):
 
     ``before_frames``/``before_bytes`` are the stream's totals before this batch, so a sink's
     lag is the difference of two totals, however long its backlog. ``low`` is the oldest WAL
-    record this batch or any later one can need.
+    record this batch or any later one can need. ``closed`` lists the runs whose final state
+    this batch holds.
     """
 
     seq: int
@@ -145,20 +154,22 @@ class Batch(NamedTuple):
     before_bytes: int
     low: int
     runs: dict[str, int]
+    closed: list[str]
     items: list[Item]
     size: int
 
     def pack(self) -> bytes:
         """The stored form (without ``seq`` and ``size``, which the store knows; rows as references)."""
         items = [i[:6] if i.kind == ItemKind.ROWS else i for i in self.items]
-        return msgpack.packb([self.created, self.frames, self.before_frames, self.before_bytes, self.low, self.runs, items])
+        head = [self.created, self.frames, self.before_frames, self.before_bytes, self.low, self.runs, self.closed]
+        return msgpack.packb([*head, items])
 
 
 def unpack(seq: int, raw: bytes) -> Batch:
     """A stored batch; its rows items still need ``Core.materialize``."""
-    created, frames, before_frames, before_bytes, low, runs, items = msgpack.unpackb(raw, strict_map_key=False)
+    created, frames, before_frames, before_bytes, low, runs, closed, items = msgpack.unpackb(raw, strict_map_key=False)
     types = _TYPES
-    return Batch(seq, created, frames, before_frames, before_bytes, low, runs, [types[i[0]](*i) for i in items], len(raw))
+    return Batch(seq, created, frames, before_frames, before_bytes, low, runs, closed, [types[i[0]](*i) for i in items], len(raw))
 
 
 class Summary(NamedTuple):
@@ -171,6 +182,7 @@ class Summary(NamedTuple):
     before_bytes: int
     low: int
     runs: dict[str, int]
+    closed: list[str]
     size: int
 
 
@@ -179,4 +191,4 @@ def summary(seq: int, raw: bytes) -> Summary:
     u = msgpack.Unpacker(strict_map_key=False)
     u.feed(raw)
     u.read_array_header()
-    return Summary(seq, u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), len(raw))
+    return Summary(seq, u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), u.unpack(), len(raw))

@@ -25,12 +25,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from .. import layout, merge
 from ..book import iso
 from ..errors import SinkRetryable
-from ..stream import ItemKind, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import FlushedItem, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 
 if TYPE_CHECKING:
@@ -40,12 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RUN: Final = int(ItemKind.RUN)
-_PARAMS: Final = int(ItemKind.PARAMS)
-_META: Final = int(ItemKind.META)
-_POINTS: Final = int(ItemKind.POINTS)
-_LOGS: Final = int(ItemKind.LOGS)
-_ROWS: Final = int(ItemKind.ROWS)
 
 
 @dataclass(slots=True)
@@ -76,6 +70,8 @@ class JsonlSink:
         self._send = _Send()
         self._drop_next: set[str] = set()
         self._dropping: set[str] = set()
+        self._remote_only: set[str] = set()
+        """Runs that keep no local files (every batch names them in its ``RunItem``)."""
         self._applied: list[str] = []
         self._paths: dict[tuple[str, str], str] = {}
 
@@ -212,21 +208,27 @@ class JsonlSink:
     def send(self, batches: list[Batch], state: SinkState) -> list[Rejected]:
         """Apply every item to files (appends written and fsynced), and stage the state to commit."""
         self._send = _Send()
+        remote_only = self._remote_only
         for batch in batches:
             for item in batch.items:
-                kind = item.kind
-                if kind == _ROWS:
-                    self._rows(item)  # type: ignore[arg-type]
-                elif kind == _POINTS:
-                    self._points(item)  # type: ignore[arg-type]
-                elif kind == _LOGS:
-                    self._logs(item)  # type: ignore[arg-type]
-                elif kind == _RUN:
-                    self._run_item(item)  # type: ignore[arg-type]
-                elif kind == _PARAMS:
-                    self._params(item)  # type: ignore[arg-type]
-                elif kind == _META:
-                    self._meta(item)  # type: ignore[arg-type]
+                if isinstance(item, RunItem):
+                    if not item.local:
+                        remote_only.add(item.run)
+                        continue
+                    remote_only.discard(item.run)
+                    self._run_item(item)
+                elif isinstance(item, FlushedItem) or item.run in remote_only:
+                    continue
+                elif isinstance(item, RowsItem):
+                    self._rows(item)
+                elif isinstance(item, PointsItem):
+                    self._points(item)
+                elif isinstance(item, LogsItem):
+                    self._logs(item)
+                elif isinstance(item, ParamsItem):
+                    self._params(item)
+                elif isinstance(item, MetaItem):
+                    self._meta(item)
         self._write(state)
         return []
 

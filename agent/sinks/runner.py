@@ -14,6 +14,13 @@ them in the same transaction as the state the sink staged while sending, so a cr
   reason) and counted per run, and the cursor moves on.
 - ``skip_to``: when the WAL nears its cap, the agent asks a sink whose ``when_full`` is
   ``skip`` to jump ahead; what it skipped is counted per run and stays in its state.
+
+A sink may ask for more (optional attributes, see ``sinks.Sink``): ``hold_frames``/``hold_s``
+make the runner gather batches until that many frames wait, the oldest has waited that long,
+a run ends or the agent stops (an archive rolls objects so); ``pending()`` has the runner call
+``send([])`` while no batch comes (a sink with retries of its own). A send that staged nothing
+is committed at most once a second: ``cursor`` is what was delivered, ``durable`` what a
+restart resumes after; retention follows ``durable``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ FRAMES_PER_SEND: Final = 8192
 """A send gets at most this many frames' worth of batches (one batch, if it alone has more):
 decoded, stream batches take many times their stored size."""
 IDLE_WAIT_S: Final = 0.5
+LAZY_COMMIT_S: Final = 1.0
 WARN_INTERVAL_S: Final = 60.0
 """A sink that keeps failing is reported at WARNING once a minute (each attempt at DEBUG)."""
 
@@ -87,6 +95,9 @@ class Runner:
         self._wake = threading.Event()
         """Cuts a backoff wait short: a stop, or a request to skip."""
         self.cursor = 0
+        """The last stream batch delivered (committed, or delivered with nothing to commit)."""
+        self.durable = 0
+        """The last stream batch committed: what a restart resumes after, and what retention may drop."""
         self.passed_frames = 0
         self.passed_bytes = 0
         self.counters: dict[str, int] = {}
@@ -98,12 +109,19 @@ class Runner:
         self.retry_at: float | None = None
         self._skip_to = 0
         self._warned_at = 0.0
+        self._committed_at = 0.0
+        self._scanned = 0
+        self._closing = False
         self._opened = False
+        self.hold_frames: int = getattr(sink, "hold_frames", 0)
+        self.hold_s: float = getattr(sink, "hold_s", 0.0)
+        self.max_frames: int = getattr(sink, "max_frames", FRAMES_PER_SEND)
+        self._pending: Callable[[], float | None] = getattr(sink, "pending", lambda: None)
         self._load()
 
     def _load(self) -> None:
         st = self.state
-        self.cursor = int(st.get(b"cursor", 0))
+        self.cursor = self.durable = int(st.get(b"cursor", 0))
         self.passed_frames, self.passed_bytes = st.get(b"passed", [0, 0])
         self.counters = dict(st.get(b"counters", {}))
         self.skipped = dict(st.get(b"skipped", {}))
@@ -113,6 +131,12 @@ class Runner:
     def run(self) -> None:
         """Follow the stream until ``stop``; returns once caught up with the core after the stop."""
         self.prepare_thread()
+        try:
+            self._follow()
+        finally:
+            self.flush_cursor()
+
+    def _follow(self) -> None:
         while True:
             if self.stopping.is_set() and not self.sink.barrier:
                 return
@@ -125,9 +149,16 @@ class Runner:
                 if self.error is not None:
                     log.warning("sink=%s stopping with its backlog in the WAL for the next start", self.name)
                 return
+            if self.durable < self.cursor and time.monotonic() - self._committed_at >= LAZY_COMMIT_S:
+                self.flush_cursor()
+            wait = self._idle_wait()
+            if wait is None:
+                continue
             with self.core.cond:
-                if self.core.out_seq <= self.cursor and not self.stopping.is_set():
-                    self.core.cond.wait(IDLE_WAIT_S)
+                if not self.stopping.is_set():
+                    self.core.cond.wait(wait)
+            if self._opened and (due := self._pending()) is not None and due <= 0:
+                self._deliver([])
 
     def step(self) -> bool:
         """Open the sink if needed, skip if asked, deliver what the core has made; True if the cursor moved.
@@ -138,8 +169,49 @@ class Runner:
             return False
         if self._skip_to > self.cursor:
             self._skip()
-        batches = self.core.batches(self.cursor, BATCHES_PER_SEND, FRAMES_PER_SEND)
+        if self._holding():
+            return False
+        batches = self.core.batches(self.cursor, BATCHES_PER_SEND, self.max_frames)
         return bool(batches) and self._deliver(batches)
+
+    def _holding(self) -> bool:
+        """True while the sink wants more batches before a send (``hold_frames``/``hold_s``)."""
+        if not (self.hold_frames or self.hold_s) or self.stopping.is_set() or self.core.out_seq <= self.cursor:
+            return False
+        if self.core.total_frames - self.passed_frames >= self.hold_frames > 0:
+            return False
+        if self._scanned < self.cursor:
+            self._scanned, self._closing = self.cursor, False
+        heads = self.core.summaries(self._scanned, self.core.out_seq - self._scanned)
+        if heads:
+            self._scanned = heads[-1].seq
+            self._closing = self._closing or any(h.closed for h in heads)
+        if self._closing:
+            return False
+        oldest = self.core.summaries(self.cursor, 1)
+        return not oldest or time.time() - oldest[0].created < self.hold_s
+
+    def _idle_wait(self) -> float | None:
+        """How long to wait for the next batch (None: do not wait, a held send is due now)."""
+        wait = IDLE_WAIT_S
+        if self.hold_s and self.core.out_seq > self.cursor:
+            oldest = self.core.summaries(self.cursor, 1)
+            if oldest:
+                due = oldest[0].created + self.hold_s - time.time()
+                if due <= 0:
+                    return None
+                wait = min(wait, due)
+        elif self.core.out_seq > self.cursor and not self.stopping.is_set():
+            return None
+        pending = self._pending() if self._opened else None
+        return wait if pending is None else max(0.0, min(wait, pending))
+
+    def flush_cursor(self) -> None:
+        """Commit a cursor that moved lazily (on the runner's thread, at its end)."""
+        if self.durable < self.cursor:
+            self.state.commit({b"cursor": self.cursor, b"passed": [self.passed_frames, self.passed_bytes]})
+            self.durable = self.cursor
+            self._committed_at = time.monotonic()
 
     def stop(self) -> None:
         """Ask the thread to finish what the core has made and return."""
@@ -169,9 +241,13 @@ class Runner:
             return False
         try:
             if refused:
-                self._dead_letter(batches[-1].seq, refused)
-            last = batches[-1]
-            self._commit(last.seq, last.before_frames + last.frames, last.before_bytes + last.size)
+                self._dead_letter(batches[-1].seq if batches else self.cursor, refused)
+            if batches:
+                last = batches[-1]
+                lazy = not refused and not self.state.puts and not self.state.deletes
+                self._commit(last.seq, last.before_frames + last.frames, last.before_bytes + last.size, lazy=lazy)
+            elif self.state.puts or self.state.deletes:
+                self.state.commit()
         except Exception as exc:
             self.state.discard()
             self._opened = False
@@ -195,9 +271,14 @@ class Runner:
         self.on_progress()
         return True
 
-    def _commit(self, cursor: int, frames: int, size: int) -> None:
-        self.state.commit({b"cursor": cursor, b"passed": [frames, size], b"counters": self.counters, b"skipped": self.skipped,
-                           b"dead": self.dead_letters})
+    def _commit(self, cursor: int, frames: int, size: int, *, lazy: bool = False) -> None:
+        """Move the cursor; commit it (with what the sink staged) unless ``lazy`` and committed within the second."""
+        now = time.monotonic()
+        if not lazy or now - self._committed_at >= LAZY_COMMIT_S or self.stopping.is_set():
+            self.state.commit({b"cursor": cursor, b"passed": [frames, size], b"counters": self.counters,
+                               b"skipped": self.skipped, b"dead": self.dead_letters})
+            self._committed_at = now
+            self.durable = cursor
         with self.cond:
             self.cursor, self.passed_frames, self.passed_bytes = cursor, frames, size
 
@@ -226,7 +307,10 @@ class Runner:
                 run = _run_of(item) or ""
                 self.dead_letters[run] = self.dead_letters.get(run, 0) + 1
                 self.counters["dead_letters"] = self.counters.get("dead_letters", 0) + 1
-                record = {"time": time.time(), "sink": self.name, "batch": seq, "reason": r.reason, "item": item._asdict()}
+                fields = item._asdict()
+                if fields.get("token"):
+                    fields["token"] = "<redacted>"
+                record = {"time": time.time(), "sink": self.name, "batch": seq, "reason": r.reason, "item": fields}
                 lines.append(orjson.dumps(record, default=str) + b"\n")
         fd = os.open(self.deadletter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

@@ -62,4 +62,5 @@ def test_nan_infinity_and_big_integers_are_written_as_ml_dash_writes_them() -> N
     assert b"NaN" in line and b"-Infinity" in line and str(2**70).encode() in line
     assert json.loads(line)["big"] == 2**70 and json.loads(line)["u64"] == 2**64 - 1
     nested = layout.track_lines([1.0, 2.0], [{"x": [{"timestamp": 5}]}, {"y": 1}])
-    assert [json.loads(x) for x in nested.splitlines()] == [{"timestamp": 1.0, "x": [{"timestamp": 5}]}, {"timestamp": 2.0, "y": 1}]
+    expected = [{"timestamp": 1.0, "x": [{"timestamp": 5}]}, {"timestamp": 2.0, "y": 1}]
+    assert [json.loads(x) for x in nested.splitlines()] == expected

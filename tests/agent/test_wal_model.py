@@ -49,7 +49,7 @@ class WalCoreSinkMachine(RuleBasedStateMachine):
     def open(self) -> None:
         self.wal = Wal(self.dir / "wal", 1 << 30)
         self.core = Core(self.wal, merge_window_s=1.0, max_open_rows=5, batch_records=7, clock=lambda: self.now,
-                         sinks_passed=lambda: self.runner.cursor)
+                         sinks_passed=lambda: self.runner.durable)
         self.core.recover()
         self.sink = jsonl.JsonlSink()
         self.runner = Runner(self.sink, self.core, self.wal, self.dir)
