@@ -37,13 +37,14 @@ class Agent:
         self.env = {**os.environ, "DASHCAR_RUNTIME_DIR": str(self.runtime_dir), "DASHCAR_STATE_DIR": str(self.state_dir),
                     "DASHCAR_AUTOSPAWN": "0"}
         self.args = args
-        self.log = open(self.base / "agent.log", "wb")
+        self.log = open(self.base / "agent.log", "wb")  # noqa: SIM115 - open for the agent's lifetime, closed in close()
         self.restart()
 
     def restart(self) -> None:
         """Start the agent process (again, after a kill) and wait until it answers."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashcar.agent", "--runtime-dir", str(self.runtime_dir), "--state-dir", str(self.state_dir), *self.args],
+            [sys.executable, "-m", "dashcar.agent", "--runtime-dir", str(self.runtime_dir), "--state-dir", str(self.state_dir),
+             *self.args],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=self.env,
         )
         deadline = time.monotonic() + 20

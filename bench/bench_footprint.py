@@ -17,7 +17,8 @@ IMPORT = "import time; t = time.perf_counter(); import dashcar; print(time.perf_
 
 
 def import_ms(runs: int) -> float:
-    times = [float(subprocess.run([sys.executable, "-c", IMPORT], capture_output=True, text=True, check=True).stdout) for _ in range(runs)]
+    cmd = [sys.executable, "-c", IMPORT]
+    times = [float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) for _ in range(runs)]
     return round(statistics.median(times) * 1000, 1)
 
 

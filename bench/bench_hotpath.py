@@ -43,7 +43,8 @@ def _sink(endpoint: str, ready: Any) -> None:
 
 def _state(i: int) -> dict[str, Any]:
     t = i * 0.001
-    return {"q": [math.sin(t + j) for j in range(6)], "qd": [math.cos(t + j) for j in range(6)], "tau": [0.1 * j for j in range(6)]}
+    return {"q": [math.sin(t + j) for j in range(6)], "qd": [math.cos(t + j) for j in range(6)],
+            "tau": [0.1 * j for j in range(6)]}
 
 
 def paced(call: Any, n: int, rate: float) -> list[int]:
@@ -93,19 +94,22 @@ class RawPath:
 
     def call(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
         try:
-            self.sock.send(packb({"topic": "robot/state", "_ts": i * 0.001, **st, "gripper_pos": 0.04, "gripper_force": 10.0}), zmq.NOBLOCK)
+            row = {"topic": "robot/state", "_ts": i * 0.001, **st, "gripper_pos": 0.04, "gripper_force": 10.0}
+            self.sock.send(packb(row), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def metric(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
         try:
-            self.sock.send(packb({"name": "train", "loss": st["q"][0], "accuracy": st["qd"][0], "lr": 0.001, "_ts": i * 0.001}), zmq.NOBLOCK)
+            point = {"name": "train", "loss": st["q"][0], "accuracy": st["qd"][0], "lr": 0.001, "_ts": i * 0.001}
+            self.sock.send(packb(point), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def log(self, i: int, st: dict[str, Any], packb: Any = msgpack.packb) -> None:
         try:
-            self.sock.send(packb({"message": "cycle done", "level": "info", "time": time.time(), "metadata": {"i": i}}), zmq.NOBLOCK)
+            entry = {"message": "cycle done", "level": "info", "time": time.time(), "metadata": {"i": i}}
+            self.sock.send(packb(entry), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -201,7 +205,8 @@ def interleaved(calls: dict[str, Any], seconds: float, rate: float, tight_n: int
             tight_s[name] += t
             tight_rates[name].append(cps)
     return {
-        name: {"paced": percentiles(paced_s[name]), "tight": {**percentiles(tight_s[name]), "calls_per_s": round(statistics.median(tight_rates[name]))}}
+        name: {"paced": percentiles(paced_s[name]),
+               "tight": {**percentiles(tight_s[name]), "calls_per_s": round(statistics.median(tight_rates[name]))}}
         for name in calls
     }
 
@@ -249,8 +254,10 @@ def main() -> None:
     ratio = {k: round(same_run["up"]["paced"][k] / same_run["raw"]["paced"][k], 2) for k in ("p50_us", "p99_us")}
     emit("hotpath", {"raw": same_run["raw"], "sdk_agent_up": same_run["up"], "sdk_agent_up_coalesced": same_run["coalesced"],
                      "raw_metric": same_run["raw_metric"], "sdk_metric": same_run["metric"], "raw_log": same_run["raw_log"],
-                     "sdk_log": same_run["log"], "array_1000_raw": arrays["raw"]["tight"], "array_1000_sdk": arrays["sdk"]["tight"],
-                     "sdk_agent_down": down, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio, "coalesce_ms": COALESCE_MS,
+                     "sdk_log": same_run["log"], "array_1000_raw": arrays["raw"]["tight"],
+                     "array_1000_sdk": arrays["sdk"]["tight"],
+                     "sdk_agent_down": down, "sdk_agent_absent": absent, "paced_ratio_sdk_over_raw": ratio,
+                     "coalesce_ms": COALESCE_MS,
                      "seconds": args.seconds, "rate_hz": args.rate})
 
 if __name__ == "__main__":

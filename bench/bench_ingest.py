@@ -46,6 +46,7 @@ def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: 
         track.append(**_fields(i), _ts=i * 0.001)
     from dashcar import _transport
 
+    assert exp._runtime_dir is not None
     out.put(_transport.get_transport(exp._runtime_dir).dropped())
     exp.complete()
 
@@ -80,7 +81,7 @@ def _raw_consumer(endpoint: str, path: str, total: int, bound: Any, done: Any) -
     unpackb, dumps = msgpack.unpackb, orjson.dumps
     with open(path, "wb") as f:
         for _ in range(total):
-            idx, topic, ts, fields = unpackb(sock.recv())
+            idx, _, ts, fields = unpackb(sock.recv())
             f.write(dumps({"timestamp": ts, "producer": idx, **fields}) + b"\n")
     done.set()
     sock.close(linger=0)
@@ -164,10 +165,10 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
 
 def drain(frames: int, producers: int = 4) -> dict[str, Any]:
     """A backlog of ``frames`` in the WAL (as ingest stores them), drained by a starting agent."""
+    import msgpack
+
     from dashcar.agent.wal import Wal
     from dashcar.proto import Frame, Kind, RunOpen, encode, frame_head
-
-    import msgpack
 
     base = Path(tempfile.mkdtemp(prefix="dcd-", dir="/tmp"))
     try:
@@ -175,7 +176,8 @@ def drain(frames: int, producers: int = 4) -> dict[str, Any]:
         root = str(base / "data")
         wal = Wal(state / "wal", 16 << 30)
         pid = os.getpid()
-        records = [encode(Frame(Kind.RUN_OPEN, 100 + p, pid, root, f"bench/drain/p{p}", 1, RunOpen({}))) for p in range(producers)]
+        records = [encode(Frame(Kind.RUN_OPEN, 100 + p, pid, root, f"bench/drain/p{p}", 1, RunOpen({})))
+                   for p in range(producers)]
         heads = [frame_head(Kind.TRACK, 100 + p, pid, root, f"bench/drain/p{p}") for p in range(producers)]
         for i in range(frames // producers):
             for p in range(producers):

@@ -25,7 +25,8 @@ if which == "ml_dash":
     exp = Experiment(prefix="peer/bench/run", dash_root=root)
 else:
     from dashcar import Experiment
-    exp = Experiment(prefix="peer/bench/run", dash_root=root, echo_logs=False, coalesce_ms=2 if which == "dashcar_coalesced" else 0)
+    coalesce_ms = 2 if which == "dashcar_coalesced" else 0
+    exp = Experiment(prefix="peer/bench/run", dash_root=root, echo_logs=False, coalesce_ms=coalesce_ms)
 exp.run.start()
 track = exp.tracks("robot/state")
 q = [0.1] * 6
@@ -102,7 +103,7 @@ def main() -> None:
             result[which] = {"paced": percentiles(costs), "rows_on_disk_after_sigkill_at_1s": on_disk}
             if which != "ml_dash" and on_disk == 0:
                 st = agent.status()
-                result[which]["agent_when_nothing_landed"] = {
+                result[which]["agent_when_nothing_landed"] = {  # type: ignore[index]
                     "frames": st["frames"], "sink": st["sink"], "ingest_restarts": st["ingest_restarts"],
                     "log_tail": (agent.base / "agent.log").read_text(errors="replace")[-3000:],
                 }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
@@ -66,7 +65,8 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
     n_producers = rng.randint(1, 4)
     for idx in range(n_producers):
         code = f"import sys; sys.argv = ['p', '{idx}', '{rng.randint(2000, 8000)}', {str(data)!r}]\n" + PRODUCER
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=agent.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=agent.env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True))
     killed_producers: set[int] = set()
     deadline = time.monotonic() + 40
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -122,12 +122,10 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
             whole = r in ({}, {"q": [i, i, i]}) if track.parent.name == "robot_state" else all(v == i for v in r.values())
             tally["wrong_rows"] += not whole or (late is not None and late != i + 90)
     for metric in data.rglob("metrics/*/data.jsonl"):
-        idx = [p["index"] for p in _lines(metric)]
-        tally["duplicate_points"] += len(idx) - len(set(idx))
+        indexes = [p["index"] for p in _lines(metric)]
+        tally["duplicate_points"] += len(indexes) - len(set(indexes))
         exp = json.loads((metric.parents[2] / "experiment.json").read_text())
-        tally["points_not_written"] += exp["dashcar"]["counters"].get("points", 0) - len(idx)
-        if exp["dashcar"]["counters"].get("points", 0) != len(idx) and os.environ.get("SOAK_KEEP"):
-            shutil.copytree(agent.base, os.environ["SOAK_KEEP"] + f"-{tally['rounds']}", dirs_exist_ok=True)
+        tally["points_not_written"] += exp["dashcar"]["counters"].get("points", 0) - len(indexes)
     agent.close()
     if disk:
         subprocess.run(["umount", "-l", str(data)], check=False)
@@ -138,7 +136,8 @@ def write_doc(tally: dict[str, int], minutes: float, seed: int) -> None:
     table = "\n".join(f"| {k.replace('_', ' ')} | {v} |" for k, v in tally.items())
     block = (
         f"<!-- soak -->\nLast soak: commit `{git_commit()}`, {time.strftime('%Y-%m-%d')}, {minutes:g} min, seed {seed} "
-        f"(`python -m bench.soak --minutes {minutes:g} --seed {seed}`).\n\n| tally | count |\n| --- | --- |\n{table}\n<!-- /soak -->"
+        f"(`python -m bench.soak --minutes {minutes:g} --seed {seed}`).\n\n| tally | count |\n| --- | --- |\n"
+        f"{table}\n<!-- /soak -->"
     )
     text = DOC.read_text() if DOC.exists() else "<!-- soak --><!-- /soak -->"
     DOC.write_text(re.sub(r"<!-- soak -->.*<!-- /soak -->", block, text, flags=re.S))
