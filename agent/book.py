@@ -33,6 +33,11 @@ from dashcar.proto import track_dir_name
 from . import merge
 
 MAX_GONE_PRODUCERS: Final = 10_000
+MAX_GAPS: Final = 256
+"""Gaps remembered per producer (a frame filling an older one counts as a duplicate)."""
+DUPLICATE: Final = 0
+NEW: Final = 1
+REFILL: Final = 2
 """Ended producers remembered (with their last seq) so late frames still count gaps right."""
 STATUS_RANK: Final = {"completed": 0, "cancelled": 1, "failed": 2, "crashed": 3}
 OPEN: Final = "open"
@@ -105,10 +110,12 @@ class Producer:
     runs: list[str] = field(default_factory=list)
     gone: bool = False
     last_run: str | None = None
+    gaps: list[list[Any]] = field(default_factory=list)
+    """Seqs not seen yet below ``last``: ``[first, last, run that counted them missing]``, oldest first."""
 
     def to_state(self) -> list[Any]:
         """The stored form."""
-        return [self.pid, self.last, self.dropped, self.runs, self.gone, self.last_run]
+        return [self.pid, self.last, self.dropped, self.runs, self.gone, self.last_run, self.gaps]
 
     @classmethod
     def from_state(cls, st: list[Any]) -> Producer:
@@ -154,17 +161,39 @@ class Book:
         self.dirty_producers.add(sid)
         return p
 
-    def admit(self, p: Producer, seq: int, run: Run | None) -> bool:
-        """Check ``seq`` against the producer's last; False for a duplicate (counted)."""
+    def admit(self, p: Producer, seq: int, run: Run | None) -> int:
+        """Check ``seq`` against what the producer sent before: ``NEW``, ``REFILL`` or ``DUPLICATE`` (0).
+
+        A jump is a gap, counted ``missing`` for ``run``; a frame that later fills it (a producer
+        re-sending what an agent that died never acknowledged) is admitted and un-counts it; any
+        other seq at or below the last is a duplicate, dropped and counted.
+        """
         last = p.last
-        if seq <= last:
-            self.count(run, "duplicates")
-            return False
-        if seq > last + 1:
-            self.count(run, "missing", seq - last - 1)
-        p.last = seq
-        p.gone = False
-        return True
+        if seq > last:
+            if seq > last + 1:
+                self.count(run, "missing", seq - last - 1)
+                p.gaps.append([last + 1, seq - 1, run.path if run is not None else None])
+                if len(p.gaps) > MAX_GAPS:
+                    del p.gaps[0]
+            p.last = seq
+            p.gone = False
+            return NEW
+        for i, gap in enumerate(p.gaps):
+            lo, hi, counted_for = gap
+            if lo <= seq <= hi:
+                if lo == hi:
+                    del p.gaps[i]
+                elif seq == lo:
+                    gap[0] = seq + 1
+                elif seq == hi:
+                    gap[1] = seq - 1
+                else:
+                    p.gaps[i:i + 1] = [[lo, seq - 1, counted_for], [seq + 1, hi, counted_for]]
+                self.count(self.runs.get(counted_for or ""), "missing", -1)
+                self.count(run, "recovered")
+                return REFILL
+        self.count(run, "duplicates")
+        return DUPLICATE
 
     def reported(self, p: Producer, run: Run | None, dropped: int) -> None:
         """The producer's own count of frames it could not send (rises only)."""
@@ -185,8 +214,13 @@ class Book:
         self.dirty_runs.add(path)
         return r
 
-    def attach(self, p: Producer, sid: int, run: Run) -> None:
-        """A frame of ``p`` for ``run``: the producer is open in it (reopening a closed run)."""
+    def attach(self, p: Producer, sid: int, run: Run, admitted: int = NEW) -> None:
+        """A frame of ``p`` for ``run``: the producer is open in it (reopening a closed run).
+
+        A re-sent frame (``REFILL``) only adds its data: the producer may have closed the run since.
+        """
+        if admitted == REFILL:
+            return
         p.last_run = run.path
         if run.producers.get(sid) != OPEN:
             run.producers[sid] = OPEN

@@ -345,9 +345,10 @@ class Core:
             run = book.run(root, prefix, path)
         else:
             book.dirty_runs.add(path)
-        if not book.admit(producer, seq, run):
+        admitted = book.admit(producer, seq, run)
+        if not admitted:
             return
-        book.attach(producer, sid, run)
+        book.attach(producer, sid, run, admitted)
         s.data[path] = s.data.get(path, 0) + 1
         if kind == _TRACK:
             topic, ts, fields = p

@@ -47,7 +47,17 @@ import lmdb
 import msgpack
 import zmq
 
-from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, FrameTooLarge, Kind, frame_count, refusal_reason
+from dashcar.proto import (
+    ACKS_SOCKET,
+    HELLO_TOPIC,
+    INGEST_SOCKET,
+    MAX_FRAME_BYTES,
+    FrameTooLarge,
+    Kind,
+    frame_count,
+    message_ids,
+    refusal_reason,
+)
 
 from . import logs
 from .config import AgentConfig
@@ -62,6 +72,11 @@ MAX_BATCH_BYTES: Final = 4 << 20
 """A batch ends at ``ingest_batch`` messages or this many bytes, whichever comes first (a
 coalesced message holds up to 16 frames)."""
 RESTART_BACKOFF_S: Final = (0.2, 5.0)
+HELLO_INTERVAL_S: Final = 1.0
+ACK_HWM: Final = 64
+"""Acknowledgements queued per producer that is not reading them; they are cumulative, so
+dropping older ones past this loses nothing."""
+MAX_PRODUCERS: Final = 65_536
 _PR_SET_PDEATHSIG: Final = 1
 
 _BARRIER_KINDS = (bytes([Kind.FLUSH]), bytes([Kind.RUN_CLOSE]))
@@ -108,6 +123,12 @@ class Ingest:
         self.internal: list[bytes] = []
         self.counters, self.rejected_by = saved_counters(wal)
         self.wal_error: str | None = None
+        self.incarnation = int.from_bytes(os.urandom(8), "big") >> 1
+        """Who acknowledges: a producer that hears a new one re-sends what the last one never acknowledged."""
+        self.first_seen: dict[int, int] = {}
+        self._pending_acks: dict[int, int] = {}
+        self._acks_path = runtime_dir / ACKS_SOCKET
+        self._hello_at = 0.0
         self._emptied = False
         self._stopping = False
         self._warned: dict[str, float] = {}
@@ -153,6 +174,14 @@ class Ingest:
         except FileNotFoundError:
             pass
         sock.bind(self.endpoint)
+        self._acks = ctx.socket(zmq.PUB)
+        self._acks.setsockopt(zmq.LINGER, 0)
+        self._acks.setsockopt(zmq.SNDHWM, ACK_HWM)
+        try:
+            os.unlink(self._acks_path)
+        except FileNotFoundError:
+            pass
+        self._acks.bind(f"ipc://{self._acks_path}")
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.chan.fileno(), zmq.POLLIN)
@@ -161,6 +190,9 @@ class Ingest:
         try:
             while not self._stopping:
                 events = dict(poller.poll(50))
+                if time.monotonic() >= self._hello_at:
+                    self._hello_at = time.monotonic() + HELLO_INTERVAL_S
+                    self._acks.send_multipart([HELLO_TOPIC, msgpack.packb([self.incarnation])])
                 if self.chan.fileno() in events:
                     self._control()
                 if sock in events:
@@ -175,6 +207,7 @@ class Ingest:
                 self._store([], 0)
         finally:
             sock.close(linger=0)
+            self._acks.close(linger=0)
             ctx.term()
 
     def _collect(self, sock: zmq.Socket[bytes], linger: bool = True) -> int:
@@ -208,11 +241,19 @@ class Ingest:
         self._emptied = emptied
         good: list[bytes] = []
         frames = refused = 0
+        acks = self._pending_acks
         for raw in raws:
             n = frame_count(raw) if len(raw) <= MAX_FRAME_BYTES else 0
             if n:
                 good.append(raw)
                 frames += n
+                ids = message_ids(raw)
+                if ids is not None:
+                    sid, _, last = ids
+                    if last > acks.get(sid, 0):
+                        acks[sid] = last
+                    if sid not in self.first_seen:
+                        self._remember_first(sid, ids[1])
                 continue
             reason = FrameTooLarge.reason if len(raw) > MAX_FRAME_BYTES else refusal_reason(raw)
             self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
@@ -230,6 +271,7 @@ class Ingest:
             self.internal.clear()
         self.counters["stored"] += frames
         meta = {"ingest": self.counters, "rejected_by": self.rejected_by}
+        acks, self._pending_acks = self._pending_acks, {}
         try:
             self.wal.append(good, meta)
         except (WALError, lmdb.Error) as exc:
@@ -239,7 +281,22 @@ class Ingest:
             self._warn("wal", "WAL append failed, %d frames dropped (total %d): %s", frames, self.counters["dropped_wal"], exc)
         else:
             self.wal_error = None
+            self._acknowledge(acks)
         self._report()
+
+    def _remember_first(self, sid: int, first: int) -> None:
+        if len(self.first_seen) >= MAX_PRODUCERS:
+            self.first_seen.pop(next(iter(self.first_seen)))
+        self.first_seen[sid] = first
+
+    def _acknowledge(self, acks: dict[int, int]) -> None:
+        """Tell each producer the last seq this incarnation stored, and the first it ever saw of it."""
+        send = self._acks.send_multipart
+        for sid, last in acks.items():
+            try:
+                send([sid.to_bytes(8, "big"), msgpack.packb([self.incarnation, self.first_seen.get(sid, 1), last])], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
 
 class IngestProcess:

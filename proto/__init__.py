@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ._constants import ACKS_SOCKET as ACKS_SOCKET
 from ._constants import AGENT_LOCK as AGENT_LOCK
 from ._constants import CONTROL_SOCKET as CONTROL_SOCKET
+from ._constants import HELLO_TOPIC as HELLO_TOPIC
 from ._constants import INGEST_SOCKET as INGEST_SOCKET
 from ._constants import LOG_LEVELS as LOG_LEVELS
 from ._constants import MAX_FRAME_BYTES as MAX_FRAME_BYTES
@@ -37,6 +39,7 @@ from ._frames import frame_count as frame_count
 from ._frames import frame_from as frame_from
 from ._frames import frame_head as frame_head
 from ._frames import internal_record as internal_record
+from ._frames import message_ids as message_ids
 from ._frames import refusal_reason as refusal_reason
 from ._frames import unpack_stored as unpack_stored
 from ._frames import validate as validate
@@ -57,10 +60,12 @@ from ._paths import runtime_dir as runtime_dir
 from ._paths import state_dir as state_dir
 
 __all__ = [
+    "ACKS_SOCKET",
     "AGENT_LOCK",
     "CONTROL_SOCKET",
     "COUNTER",
     "COUNTERS_DIR",
+    "HELLO_TOPIC",
     "INGEST_SOCKET",
     "LOG_LEVELS",
     "MAX_FRAME_BYTES",
@@ -99,6 +104,7 @@ __all__ = [
     "frame_from",
     "frame_head",
     "internal_record",
+    "message_ids",
     "metric_dir_parts",
     "ndarray_ext",
     "parse_counter_name",

@@ -20,6 +20,10 @@ MAX_CONTAINER_LEN: Final = 1_000_000
 """Most elements one msgpack array or map in a frame may hold."""
 
 INGEST_SOCKET: Final = "ingest.sock"
+ACKS_SOCKET: Final = "acks.sock"
+"""Where ingest publishes, per producer, what it has stored (topic: the producer id, 8 bytes)."""
+HELLO_TOPIC: Final = b"hello"
+"""Ingest's periodic announcement of its incarnation, so idle producers notice a restart."""
 CONTROL_SOCKET: Final = "control.sock"
 AGENT_LOCK: Final = "agent.lock"
 SPAWN_LOCK: Final = "spawn.lock"

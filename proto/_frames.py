@@ -414,6 +414,68 @@ def frame_count(message: bytes) -> int:
     return 0
 
 
+_SEQ_AT: dict[bytes, list[bytes]] = {}
+"""The constant head of frames, per (kind, sid) bytes: the seq follows it (bounded)."""
+_UINT_SIZE: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def message_ids(message: bytes) -> tuple[int, int, int] | None:
+    """``(sid, first seq, last seq)`` of a wire message, read without decoding it (None if unreadable).
+
+    Ingest acknowledges stored messages per producer with these. The head of a frame (version,
+    kind, sid, pid, root, prefix) is constant for a producer, run and kind, so it is parsed once
+    and remembered; a coalesced message's frames come from one producer with consecutive seqs.
+    """
+    n = frame_count(message)
+    if n == 0:
+        return None
+    start = 0 if n == 1 and message[1] == PROTOCOL_VERSION else (3 if message[0] == 0xDC else 1)
+    key = message[start + 2:start + 12]
+    for head in _SEQ_AT.get(key, ()):
+        if message.startswith(head, start):
+            break
+    else:
+        head = _learn_head(message, start, key)
+        if not head:
+            return None
+    at = start + len(head)
+    marker = message[at]
+    if marker < 0x80:
+        first = marker
+    else:
+        size = _UINT_SIZE.get(marker)
+        if size is None:
+            return None
+        first = int.from_bytes(message[at + 1:at + 1 + size], "big")
+    return int.from_bytes(message[start + 4:start + 12], "big") if message[start + 3] == 0xCF else _sid(message, start), first, first + n - 1
+
+
+def _sid(message: bytes, start: int) -> int:
+    values = msgpack.Unpacker(max_buffer_size=len(message))
+    values.feed(message[start:])
+    values.read_array_header()
+    values.skip()
+    values.skip()
+    return int(values.unpack())
+
+
+def _learn_head(message: bytes, start: int, key: bytes) -> bytes:
+    """Find where the seq of the frame at ``start`` begins; remember the head before it."""
+    try:
+        values = msgpack.Unpacker(max_buffer_size=len(message), max_bin_len=0, max_ext_len=0)
+        values.feed(message[start:])
+        if values.read_array_header() != 8:
+            return b""
+        for _ in range(6):
+            values.skip()
+        head = message[start:start + values.tell()]
+    except Exception:
+        return b""
+    if len(_SEQ_AT) < 65_536:
+        _SEQ_AT.setdefault(key, []).append(head)
+    return head
+
+
 def refusal_reason(message: bytes) -> str:
     """Why ``frame_count`` refused a message: another protocol version, or not a frame at all."""
     if len(message) >= 2 and message[0] == _FIXARRAY_8 and message[1] not in (PROTOCOL_VERSION, _FIXARRAY_8):

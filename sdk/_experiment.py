@@ -257,6 +257,7 @@ class Experiment:
         assert self._runtime_dir is not None
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
+            p.poll_acks()
             if before is not None:
                 p.send(before[0], self._dash_root, self._prefix, before[1], wait_s=left)
             seq = p.send(Kind.FLUSH, self._dash_root, self._prefix, (t.dropped(),), wait_s=left)

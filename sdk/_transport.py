@@ -24,13 +24,16 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from dashcar.proto import (
+    ACKS_SOCKET,
     COUNTER,
+    HELLO_TOPIC,
     INGEST_SOCKET,
     MAX_FRAME_BYTES,
     NDARRAY_MIN_SIZE,
@@ -62,6 +65,15 @@ DROP_REPORT_INTERVAL_S = 10.0
 COALESCE_MAX_MS = 100.0
 COALESCE_MAX_FRAMES = 16
 COALESCE_MAX_BYTES = 16 << 10
+RESEND_MAX_BYTES = 32 << 20
+RESEND_MAX_MESSAGES = 100_000
+"""A producer keeps each message until the agent acknowledges it as stored, at most this much
+(32 MiB or 100 000 messages per thread); past it the oldest is forgotten and counted."""
+RECONNECT_IVL_MS = 10
+RECONNECT_IVL_MAX_MS = 1000
+"""A socket retries its connection after 10 ms, backing off to 1 s while no agent is there."""
+ACK_POLL_EVERY = 63
+"""Acknowledgements are read on every 64th send (and before a barrier): cheap, and often enough."""
 _ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE))
 """Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
 barrier and a close (the agent commits at once when one arrives)."""
@@ -107,11 +119,21 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
 
 
 class Producer:
-    """One thread's PUSH socket, producer id, sequence counter and drop counter."""
+    """One thread's PUSH socket, producer id, sequence counter, drop counter and unacknowledged frames.
+
+    Every message sent stays in ``held`` until ingest acknowledges it as stored (an ``acks`` SUB
+    socket, read on every 64th send and before a barrier), at most ``RESEND_MAX_BYTES``. When a
+    new agent speaks (another incarnation: the one before died), everything it never
+    acknowledged is sent again; the new agent admits what fills its gaps and drops the rest by
+    sequence number, so no stored frame lands twice and none sent is lost while this process
+    lives. Frames sent again land after those that came through meanwhile: a track row merges
+    into place, a metric point or log line takes the next index.
+    """
 
     __slots__ = (
         "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report",
-        "_buf", "_buf_t", "_buf_bytes",
+        "_buf", "_buf_t", "_buf_bytes", "acks", "held", "held_bytes", "incarnation", "released", "resent", "_sends",
+        "_released_report",
     )
 
     def __init__(
@@ -126,8 +148,10 @@ class Producer:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         self.sock.connect(endpoint)
-        self.sid = (int.from_bytes(os.urandom(8), "big") >> 1) or 1
+        self.sid = (int.from_bytes(os.urandom(8), "big") >> 2) | (1 << 62)
         self.pid = os.getpid()
         self.seq = 0
         self.dropped = 0
@@ -139,6 +163,22 @@ class Producer:
         self._buf: list[tuple[bytes, bytes]] = []
         self._buf_t = 0.0
         self._buf_bytes = 0
+        self.acks = ctx.socket(zmq.SUB)
+        self.acks.setsockopt(zmq.LINGER, 0)
+        self.acks.setsockopt(zmq.RCVHWM, 1000)
+        self.acks.setsockopt(zmq.SUBSCRIBE, self.sid.to_bytes(8, "big"))
+        self.acks.setsockopt(zmq.SUBSCRIBE, HELLO_TOPIC)
+        self.acks.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.acks.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        self.acks.connect(f"ipc://{runtime_dir / ACKS_SOCKET}")
+        self.held: deque[tuple[int, int, bytes]] = deque()
+        """Messages sent but not yet acknowledged as stored, in order: ``(first seq, last seq, bytes)``."""
+        self.held_bytes = 0
+        self.incarnation: int | None = None
+        self.released = 0
+        self.resent = 0
+        self._sends = 0
+        self._released_report = 0.0
 
     def send(self, kind: int, root: str, prefix: str, payload: object, wait_s: float = 0.0) -> int:
         """Send one frame; returns its sequence number, 0 if it was dropped, -1 if it was buffered.
@@ -177,7 +217,63 @@ class Producer:
             return 0
         self.seq = seq
         _pack_counter(self.counter, 0, seq, self.dropped, 0)
+        self.held.append((seq - n + 1, seq, data))
+        self.held_bytes += len(data)
+        if self.held_bytes > RESEND_MAX_BYTES or len(self.held) > RESEND_MAX_MESSAGES:
+            self._release_oldest()
+        self._sends += 1
+        if not self._sends & ACK_POLL_EVERY:
+            self.poll_acks()
         return seq
+
+    def poll_acks(self) -> None:
+        """Read the agent's acknowledgements and announcements: forget what it stored, and send
+        again what a new agent (another incarnation) never got."""
+        recv = self.acks.recv_multipart
+        while True:
+            try:
+                _, body = recv(zmq.NOBLOCK)
+                msg = msgpack.unpackb(body)
+            except zmq.Again:
+                return
+            except (zmq.ZMQError, ValueError, msgpack.UnpackException):
+                return
+            if type(msg) is not list or not msg:
+                continue
+            known, self.incarnation = self.incarnation, msg[0]
+            if len(msg) == 3:
+                first, last = msg[1], msg[2]
+                if known != msg[0] and self.held and self.held[0][1] < first:
+                    self._resend(first)
+                held = self.held
+                while held and first <= held[0][0] and held[0][1] <= last:
+                    self.held_bytes -= len(held.popleft()[2])
+            elif known is not None and known != msg[0]:
+                self._resend(None)
+
+    def _resend(self, first: int | None) -> None:
+        """Send again, in order, what was sent before ``first`` (all if None) and never acknowledged."""
+        for lo, hi, data in list(self.held):
+            if first is not None and hi >= first:
+                break
+            try:
+                self.sock.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            self.resent += hi - lo + 1
+
+    def _release_oldest(self) -> None:
+        """Past the bound, the oldest unacknowledged message is forgotten: it can no longer be re-sent."""
+        lo, hi, data = self.held.popleft()
+        self.held_bytes -= len(data)
+        self.released += hi - lo + 1
+        now = time.monotonic()
+        if now - self._released_report >= DROP_REPORT_INTERVAL_S:
+            self._released_report = now
+            log.warning(
+                "dashcar: the agent has not acknowledged %d MiB of frames; the oldest could not be re-sent "
+                "if it died (%d so far)", RESEND_MAX_BYTES >> 20, self.released,
+            )
 
     def _coalesce(self, head: bytes, body: bytes, size: int) -> int:
         buf = self._buf
@@ -288,7 +384,9 @@ class Transport:
             producers, self._producers = self._producers, []
         for p in producers:
             p.ship()
+            p.poll_acks()
             p.sock.close(linger=self.linger_ms)
+            p.acks.close(linger=0)
         self.ctx.term()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dashcar.agent.book import MAX_GONE_PRODUCERS, Book, Run
+from dashcar.agent.book import DUPLICATE, MAX_GONE_PRODUCERS, NEW, REFILL, Book, Run
 
 
 def make_book(existing: int = 0) -> Book:
@@ -14,9 +14,24 @@ def test_duplicates_and_gaps_are_counted_for_the_run_that_revealed_them() -> Non
     book = make_book()
     p = book.producer(7, 100)
     run = book.run("/d", "a/b", "/d/a/b")
-    assert [book.admit(p, seq, run) for seq in (1, 2, 2, 5, 3, 6)] == [True, True, False, True, False, True]
-    assert run.counters == {"duplicates": 2, "missing": 2}
+    assert [book.admit(p, seq, run) for seq in (1, 2, 2, 6, 4, 4, 7, 1)] == [NEW, NEW, DUPLICATE, NEW, REFILL, DUPLICATE, NEW,
+                                                                            DUPLICATE]
+    assert run.counters == {"duplicates": 3, "missing": 2, "recovered": 1}, "3 and 5 still missing; 4 came back"
+    assert p.gaps == [[3, 3, "/d/a/b"], [5, 5, "/d/a/b"]]
     assert book.counters == run.counters
+
+
+def test_a_refilled_frame_adds_its_data_but_never_reopens_a_run_its_producer_closed() -> None:
+    book = make_book()
+    run = book.run("/d", "a/b", "/d/a/b")
+    p = book.producer(7, 100)
+    for seq in (1, 3):
+        book.attach(p, 7, run, book.admit(p, seq, run))
+    book.close_run(7, p, run, "completed", None, 0)
+    assert run.status == "completed"
+    admitted = book.admit(p, 2, run)
+    book.attach(p, 7, run, admitted)
+    assert admitted == REFILL and run.status == "completed" and run.counters["missing"] == 0
 
 
 def test_a_run_closes_when_its_last_producer_closes_with_the_worst_status() -> None:

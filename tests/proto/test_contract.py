@@ -19,13 +19,13 @@ DASHCAR_API = [
     "ml_dash_experiment",
 ]
 PROTO_API = [
-    "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "INGEST_SOCKET", "LOG_LEVELS",
+    "ACKS_SOCKET", "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "HELLO_TOPIC", "INGEST_SOCKET", "LOG_LEVELS",
     "MAX_FRAME_BYTES", "NDARRAY_MIN_SIZE", "PROTOCOL_VERSION", "RUN_STATUSES", "SPAWN_LOCK",
     "ConfigError", "DashcarError", "DecodeError", "Flush", "Frame", "FrameTooLarge", "InvalidName",
     "Kind", "Log", "Meta", "Metric", "Params", "ProducerGone", "ProtocolError", "RunClose", "RunOpen",
     "Track", "UnsupportedVersion", "check_prefix", "check_record", "check_root", "coalesce", "counter_path",
     "decode", "decode_message", "encode", "ensure_private_dir", "frame_count", "frame_from", "frame_head",
-    "internal_record", "metric_dir_parts", "ndarray_ext", "parse_counter_name", "refusal_reason", "run_dir",
+    "internal_record", "message_ids", "metric_dir_parts", "ndarray_ext", "parse_counter_name", "refusal_reason", "run_dir",
     "runtime_dir", "split_name", "state_dir", "track_dir_name", "unpack_stored", "validate",
 ]
 
