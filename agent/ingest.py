@@ -1,11 +1,17 @@
-"""Ingest: PULL socket → one WAL record per message → one WAL transaction per drained batch.
+"""Ingest: PULL socket → one WAL record per message → one WAL transaction per batch → acknowledgements.
 
 A message holds one frame, or an array of frames from a coalescing producer; it is stored
 as it came, as one record. Ingest checks only what it must to store and count it: its size
 and, from its first bytes, that it is a v1 message and how many frames it holds
-(``proto.frame_count``). Every other check (promise 7) happens in the core, before a frame
-can touch the book, a file or another run; ingest's cost per message stays a few
-microseconds whatever the message holds.
+(``proto.frame_count``), and who sent it (``proto.message_ids``: the producer id and seqs,
+read from the frame head without decoding). Every other check (promise 7) happens in the core,
+before a frame can touch the book, a file or another run; ingest's cost per message stays a
+few microseconds whatever the message holds.
+
+After each committed batch ingest acknowledges, per producer, the last seq it stored (and the
+first this incarnation ever saw of that producer) on a PUB socket (``acks.sock``, topic: the
+producer id); every second it announces its incarnation (``hello``). A producer keeps what is
+not acknowledged and sends it again when it hears a new incarnation (see ``dashcar._transport``).
 
 The receive path runs in a child process (``python -m dashcar.agent.ingest``) so that it has
 an interpreter lock of its own: in one process it shared the lock with the sink, which keeps

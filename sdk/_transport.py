@@ -7,6 +7,10 @@ its sequence number is not used, so the agent's gap count measures only frames l
 they left this process. After ``fork()`` the child leaves the inherited context alone and
 builds its own producers with fresh ids (pyzmq's ``Context.instance()`` rule).
 
+A message that left is kept until the agent acknowledges it as stored, and sent again to a
+restarted agent (see ``Producer``): reading acknowledgements costs one non-blocking receive
+every 64 sends, no thread of ours.
+
 Coalescing (off by default; ``DASHCAR_COALESCE_MS`` or ``Experiment(coalesce_ms=...)``) keeps
 packed frames in the thread's buffer and hands them to ZeroMQ as one message once the oldest
 has waited the window: the check runs on the next call, so a frame waits at most the window
