@@ -50,6 +50,7 @@ import zmq
 from dashcar.proto import INGEST_SOCKET, MAX_FRAME_BYTES, FrameTooLarge, Kind, frame_count, refusal_reason
 
 from . import logs
+from .access import group_id, share
 from .config import AgentConfig
 from .errors import WALError
 from .wal import Wal
@@ -93,9 +94,11 @@ class Ingest:
     """The child's receive side: owns the PULL socket and the WAL's append path."""
 
     def __init__(
-        self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float
+        self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float,
+        group: int | None = None,
     ) -> None:
         self.wal = wal
+        self.group = group
         self.chan = chan
         self.batch = batch
         self.max_batch_bytes = min(MAX_BATCH_BYTES, max(64 << 10, wal.max_bytes // 64))
@@ -153,6 +156,7 @@ class Ingest:
         except FileNotFoundError:
             pass
         sock.bind(self.endpoint)
+        share(self._sock_path, self.group, 0o660)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.chan.fileno(), zmq.POLLIN)
@@ -290,7 +294,7 @@ class IngestProcess:
         settings = {
             "runtime_dir": str(cfg.runtime_dir), "wal": str(cfg.state_dir / "wal"), "wal_max_bytes": cfg.wal_max_bytes,
             "wal_sync": cfg.wal_sync, "batch": cfg.ingest_batch, "rcvhwm": cfg.rcvhwm, "group_commit_s": cfg.group_commit_s,
-            "log_level": cfg.log_level,
+            "log_level": cfg.log_level, "socket_group": group_id(cfg.socket_group),
         }
         argv = [sys.executable, "-m", "dashcar.agent.ingest", str(theirs.fileno()), str(os.getpid()), json.dumps(settings)]
         try:
@@ -373,7 +377,8 @@ def child_main(argv: list[str]) -> int:
     tune_gc()
     try:
         Ingest(
-            wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"]
+            wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"],
+            group=raw.get("socket_group"),
         ).run()
     except (BrokenPipeError, ConnectionResetError):
         log.error("agent went away; ingest stops")

@@ -40,6 +40,8 @@ from dashcar.proto import (
     ndarray_ext,
 )
 
+from . import _agent
+
 if TYPE_CHECKING:
     import zmq
 else:
@@ -96,7 +98,7 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
     """
     try:
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)  # group: a shared agent reads it (see agent/access.py)
     except OSError:
         return bytearray(COUNTER.size)
     try:
@@ -111,7 +113,7 @@ class Producer:
 
     __slots__ = (
         "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report",
-        "_buf", "_buf_t", "_buf_bytes",
+        "_buf", "_buf_t", "_buf_bytes", "runtime_dir",
     )
 
     def __init__(
@@ -127,6 +129,7 @@ class Producer:
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
         self.sock.connect(endpoint)
+        self.runtime_dir = runtime_dir
         self.sid = (int.from_bytes(os.urandom(8), "big") >> 1) or 1
         self.pid = os.getpid()
         self.seq = 0
@@ -150,6 +153,8 @@ class Producer:
         head = self._heads.get(key)
         if head is None:
             head = self._heads[key] = frame_head(kind, self.sid, self.pid, root, prefix)
+            if kind == Kind.RUN_OPEN:
+                _agent.hello(self.runtime_dir, root)
         pack = self._packer.pack
         body = pack(payload)
         size = len(head) + len(body) + 9
