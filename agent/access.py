@@ -3,8 +3,10 @@
 Private (the default): the runtime dir is 0700 and everything in it is the agent user's.
 Shared (``socket_group``, a system agent serving several users): the runtime dir is 0750 and
 the group's, the sockets 0660 (connecting to a Unix socket needs write access to it), the
-agent lock 0640 (the SDK probes it to see an agent runs) and ``producers/`` 2770 (each
-producer keeps its counter file there; setgid so the agent, in the group, can read it).
+agent lock 0640 (the SDK probes it to see an agent runs) and ``producers/`` 0770 (each
+producer keeps its counter file there, 0640 and given to the directory's group by the SDK, so
+the agent can read it after the producer died; no setgid bit, which the system unit's
+``RestrictSUIDSGID=`` forbids).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def share(path: Path, gid: int | None, mode: int) -> None:
 
 
 def prepare_runtime_dir(path: Path, gid: int | None) -> Path:
-    """Create the runtime dir: private (0700) or shared with ``gid`` (0750, ``producers/`` 2770)."""
+    """Create the runtime dir: private (0700) or shared with ``gid`` (0750, ``producers/`` 0770)."""
     if gid is None:
         return ensure_private_dir(path)
     path.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -50,5 +52,5 @@ def prepare_runtime_dir(path: Path, gid: int | None) -> Path:
     share(path, gid, 0o750)
     producers = path / COUNTERS_DIR
     producers.mkdir(exist_ok=True)
-    share(producers, gid, 0o2770)
+    share(producers, gid, 0o770)
     return path

@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="dashcar", description="dashcar: non-blocking experiment logging; the agent, its status, your runs.",
-        epilog="RUN is a run directory or a run prefix under --root (.dash); it works without an agent.\n\n" + EXIT_TEXT,
+        epilog="RUN is a run directory or a run prefix under --root (.dash); it works without an agent.\n\n"
+               "examples:\n  dashcar status\n  dashcar ls\n  dashcar export alice/robotics/run1 --format mcap --out run1.mcap\n"
+               "  dashcar COMMAND --help\n\n" + EXIT_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--runtime-dir",

@@ -102,6 +102,12 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
     except OSError:
         return bytearray(COUNTER.size)
     try:
+        gid = os.stat(path.parent).st_gid
+        if gid != os.getegid():
+            os.fchown(fd, -1, gid)  # a shared agent's directory: its group reads the file
+    except OSError:
+        pass
+    try:
         os.ftruncate(fd, COUNTER.size)
         return mmap.mmap(fd, COUNTER.size)
     finally:
