@@ -231,6 +231,7 @@ class Agent:
         doc: dict[str, Any] = {
             "pid": os.getpid(),
             "ingest_pid": self.ingest.pid,
+            "ingest_ready": self.ingest.ready.is_set(),
             "version": {"agent": agent_version(), "protocol": [PROTOCOL_VERSION, PROTOCOL_MINOR]},
             "runtime_dir": str(self.cfg.runtime_dir),
             "state_dir": str(self.cfg.state_dir),
