@@ -55,7 +55,7 @@ from .config import AgentConfig
 from .errors import WALError
 from .wal import Wal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dashcar.agent.ingest")  # not __name__: the child runs as __main__
 
 WARN_INTERVAL_S: Final = 10.0
 MAX_MESSAGE: Final = 1 << 20
