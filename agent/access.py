@@ -27,7 +27,9 @@ def group_id(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise ConfigError(f"socket_group {name!r} does not exist; create it (groupadd {name}) or leave socket_group empty") from None
+        raise ConfigError(
+            f"socket_group {name!r} does not exist; create it (groupadd {name}) or leave socket_group empty"
+        ) from None
 
 
 def share(path: Path, gid: int | None, mode: int) -> None:

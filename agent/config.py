@@ -7,6 +7,7 @@ variables < command-line flags (``--<name>``). The CLI reads its flag list from 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from collections.abc import Mapping
@@ -107,7 +108,7 @@ def field_help() -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "AgentConfig":
             body = node.body
-            for stmt, nxt in zip(body, body[1:], strict=False):
+            for stmt, nxt in itertools.pairwise(body):
                 if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                         and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
                     helps[stmt.target.id] = " ".join(nxt.value.value.split()).replace("``", "`")

@@ -84,7 +84,8 @@ TABLE: Final[tuple[Signal, ...]] = (
     Signal("producers_refused", "counter", "Producers refused at run start, by reason (version, root; since start).",
            "producers.refused_by.{reason}", ("reason",)),
     Signal("sink_lag_frames", "gauge", "Frames settled but not yet passed by the sink.", "sinks.{sink}.lag.frames", ("sink",)),
-    Signal("sink_lag_bytes", "gauge", "Stream bytes settled but not yet passed by the sink.", "sinks.{sink}.lag.bytes", ("sink",)),
+    Signal("sink_lag_bytes", "gauge", "Stream bytes settled but not yet passed by the sink.", "sinks.{sink}.lag.bytes",
+           ("sink",)),
     Signal("sink_lag_seconds", "gauge", "Age of the oldest batch the sink has not passed (0 when none).",
            "sinks.{sink}.lag.seconds", ("sink",)),
     Signal("sink_out_per_second", "gauge", "Frames the sink passed per second, over the last few seconds.",
@@ -162,7 +163,7 @@ class MetricsServer:
 
         host, port = parse_address(address)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(measure))  # type: ignore[arg-type]
+        registry.register(_Collector(measure))
         ProcessCollector(namespace="dashcar", registry=registry)
         try:
             self.server, self.thread = start_http_server(port, host, registry=registry)

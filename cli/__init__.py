@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from dashcar.proto import DashcarError
+
 from ._common import FAILED, INTERRUPTED, NO_AGENT, OK, TIMEOUT, UNHEALTHY, USAGE, CliError, agent_dir, ask, err, out
 
 __all__ = ["FAILED", "INTERRUPTED", "NO_AGENT", "OK", "TIMEOUT", "UNHEALTHY", "USAGE", "build_parser", "main"]
@@ -48,9 +50,10 @@ EXAMPLES: Final = {
     "stop": "dashcar stop",
     "ls": "dashcar ls .dash\n  dashcar ls --json | jq '.[] | select(.lost > 0)'",
     "tail": "dashcar tail alice/robotics/run1 robot/state\n  dashcar tail .dash/alice/robotics/run1 train -n 0",
-    "export": "dashcar export alice/robotics/run1 --topic robot/state --format parquet --out state.parquet\n"
+    "export": "dashcar export alice/robotics/run1 --topic robot/state --format parquet --out s.parquet\n"
               "  dashcar export alice/robotics/run1 --format mcap --out run1.mcap     # open it in Foxglove",
-    "plot": "dashcar plot alice/robotics/run1 robot/state q --out q.png\n  dashcar plot alice/robotics/run1 train loss --x step --out loss.png",
+    "plot": "dashcar plot alice/robotics/run1 robot/state q --out q.png\n"
+            "  dashcar plot alice/robotics/run1 train loss --x step --out loss.png",
     "doctor": "dashcar doctor",
     "config": "dashcar config show\n  dashcar config show --running --json",
     "config show": "dashcar config show --merge-window-s 0.5     # what `dashcar agent --merge-window-s 0.5` would run with",
@@ -199,7 +202,7 @@ def _config_show(args: argparse.Namespace) -> int:
         path = config.config_path(os.environ, args.config)
         try:
             cfg, sources = config.load_with_sources(os.environ, flags, path)
-        except config.ConfigError as exc:
+        except DashcarError as exc:
             raise CliError(str(exc)) from exc
         rows = config.describe(cfg, sources)
         title = "settings `dashcar agent` would run with here" + (f" (file {path})" if path else "")

@@ -147,7 +147,8 @@ def _unit() -> tuple[str, Level, str]:
         found.append(f"{'system' if system else 'user'} unit {state}")
         if state not in ("active", "activating", "reloading"):
             ctl = "systemctl" + ("" if system else " --user")
-            return "systemd", "warn", f"{path}: {state}; see `{ctl} status dashcar-agent`, start it with `{ctl} start dashcar-agent`"
+            return ("systemd", "warn",
+                    f"{path}: {state}; see `{ctl} status dashcar-agent`, start it with `{ctl} start dashcar-agent`")
     if not found:
         return "systemd", "ok", "no dashcar unit installed (`dashcar service install --user` adds one)"
     return "systemd", "ok", ", ".join(found)

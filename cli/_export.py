@@ -255,7 +255,7 @@ def _write_mcap(run: Path, fp: IO[bytes], total: int, advance: Callable[[int], N
     params = _read.read_params(run)
     if params:
         writer.add_metadata("dashcar.parameters", {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()})
-    writer.finish()
+    writer.finish()  # type: ignore[no-untyped-call]
     return n
 
 

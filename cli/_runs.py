@@ -113,10 +113,10 @@ def _log_count(run: Path) -> int:
 
 def summary(run: Path, root: Path | None) -> dict[str, Any]:
     """What ``ls`` shows of a run: status, start, duration, counts, frames lost."""
-    doc = _read_json(run / "experiment.json")
-    doc = doc if isinstance(doc, dict) else {}
-    extra = doc.get("dashcar") if isinstance(doc.get("dashcar"), dict) else {}
-    counters = extra.get("counters") if isinstance(extra.get("counters"), dict) else {}
+    raw = _read_json(run / "experiment.json")
+    doc: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    extra: dict[str, Any] = doc["dashcar"] if isinstance(doc.get("dashcar"), dict) else {}
+    counters: dict[str, Any] = extra["counters"] if isinstance(extra.get("counters"), dict) else {}
     started = parse_iso(doc.get("created_at") or doc.get("createdAt"))
     ended = parse_iso(extra.get("closed_at"))
     status = str(doc.get("status") or extra.get("status") or "unknown")

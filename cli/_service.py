@@ -81,7 +81,8 @@ def render(*, system: bool, python: str, data_roots: list[str], drain_s: float, 
     """The unit file text (see the module docstring)."""
     stop_s = int(drain_s + STOP_MARGIN_S + 0.999)
     roots = [os.path.normpath(os.path.abspath(r)) for r in data_roots]
-    lines = ["# dashcar agent as a systemd " + ("system service shared by the members of a group." if system else "user service.")]
+    kind = "system service shared by the members of a group." if system else "user service."
+    lines = ["# dashcar agent as a systemd " + kind]
     lines += [
         "# Written by `dashcar service install" + ("" if system else " --user") + "`; see docs/operations.md.",
         "[Unit]",

@@ -171,7 +171,8 @@ def test_flush_waits_for_local_files_and_flush_remote_times_out_on_a_lagging_sin
     agent_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    agent: AgentHandle = agent_factory("--merge-window-s", "5", "--sinks", "jsonl,tests.agent.lagging_sink:NeverCatchesUp").start()
+    agent: AgentHandle = agent_factory("--merge-window-s", "5", "--sinks",
+                                       "jsonl,tests.agent.lagging_sink:NeverCatchesUp").start()
     exp = dashcar.Experiment(prefix=PREFIX, dash_root=agent.data_dir, echo_logs=False).start()
     for i in range(20):
         exp.tracks("t").append(i=i, _ts=float(i))
@@ -252,6 +253,11 @@ def test_tail_prints_rows_as_they_are_written_and_rewritten_until_ctrl_c(agent: 
     assert res.returncode == FAILED and "has no track, metric or logs named 'nope'; it has: robot/state" in res.stderr
 
 
+def _json(doc: dict[str, Any] | bytes) -> dict[str, Any]:
+    assert isinstance(doc, dict)
+    return doc
+
+
 @pytest.fixture
 def copied_run(agent: AgentHandle, dirs: Path) -> Path:
     """A run written through a real agent, then copied elsewhere with the agent stopped."""
@@ -264,7 +270,7 @@ def copied_run(agent: AgentHandle, dirs: Path) -> Path:
 
 def test_export_rows_equal_what_read_returns(copied_run: Path, dirs: Path) -> None:
     run = copied_run
-    track_rows = _read.read_track(run, "robot/state")["entries"]  # type: ignore[index]
+    track_rows = _json(_read.read_track(run, "robot/state"))["entries"]
     metric_rows = _read.read_series(run, "metrics", "train", 0, 10**6)["data"]
     logs = [json.loads(line) for line in (run / "logs" / "logs.jsonl").read_text().splitlines()]
     assert len(track_rows) == N and len(metric_rows) == N // 10 and len(logs) == 2
@@ -313,7 +319,7 @@ def test_export_mcap_holds_every_track_metric_and_the_logs(copied_run: Path, dir
         for _, channel, message in reader.iter_messages():
             got.setdefault(channel.topic, []).append((message.log_time, json.loads(message.data)))
         meta = {m.name: m.metadata for m in reader.iter_metadata()}
-    rows = _read.read_track(copied_run, "robot/state")["entries"]  # type: ignore[index]
+    rows = _json(_read.read_track(copied_run, "robot/state"))["entries"]
     assert got["/tracks/robot/state"] == [(round(r["timestamp"] * 1e9), _read.unflatten(r)) for r in rows]
     assert got["/tracks/robot/state"][3][1]["gripper"] == {"pos": 0.3}
     points = _read.read_series(copied_run, "metrics", "train", 0, 1000)["data"]
