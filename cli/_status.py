@@ -102,7 +102,8 @@ def render(st: dict[str, Any]) -> RenderableType:
 
     runs = Table(title=f"open runs ({len(st.get('runs', {}))})", title_justify="left", show_edge=False, padding=(0, 2))
     for col in ("run", "status", "pids", "started", "rows", "points", "logs", "lost"):
-        runs.add_column(col, justify="left" if col in ("run", "status", "pids", "started") else "right")
+        runs.add_column(col, justify="left" if col in ("run", "status", "pids", "started") else "right",
+                        overflow="fold" if col == "run" else "ellipsis")
     now = time.time()
     for path, run in sorted(st.get("runs", {}).items()):
         c = run.get("counters", {})

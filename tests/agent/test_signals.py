@@ -35,6 +35,12 @@ def test_table_names_and_places() -> None:
                    "rates": {"in_fps": 1.5}}
 
 
+def test_operations_doc_lists_every_signal() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    for sig in signals.TABLE:
+        assert f"| `{sig.exposed_name}` | {sig.kind} |" in doc, f"docs/operations.md misses {sig.exposed_name}"
+
+
 def test_metrics_address_parsing() -> None:
     assert parse_address("9464") == ("127.0.0.1", 9464)
     assert parse_address(":9464") == ("127.0.0.1", 9464)
