@@ -7,6 +7,7 @@ variables < command-line flags (``--<name>``). The CLI reads its flag list from 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -95,6 +96,7 @@ def root_allowed(root: str, allowed: tuple[str, ...]) -> bool:
     return any(root == a or root.startswith(a.rstrip("/") + "/") for a in allowed)
 
 
+@functools.cache
 def field_help() -> dict[str, str]:
     """Each setting's help: the first sentence of the docstring under its field (read from this file)."""
     import ast

@@ -209,18 +209,18 @@ def _config_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return OK
+    title += "; each is also DASHCAR_<SETTING> and --<setting>"
     table = Table(title=title, title_justify="left", show_edge=False, padding=(0, 1))
-    table.add_column("setting", style="bold")
-    table.add_column("value")
-    table.add_column("from")
-    table.add_column("env / flag", style="dim")
-    table.add_column("what it does", style="dim")
+    table.add_column("setting", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("from", no_wrap=True)
+    table.add_column("what it does", style="dim", ratio=1)
     styles = {"default": "dim", "file": "cyan", "env": "yellow", "flag": "magenta"}
     from rich.text import Text
 
     for r in rows:
         table.add_row(r["name"], repr(r["value"]) if isinstance(r["value"], str) else str(r["value"]),
-                      Text(r["source"], style=styles.get(r["source"], "")), f"{r['env']}  {r['flag']}", r["help"])
+                      Text(r["source"], style=styles.get(r["source"], "")), r["help"])
     out().print(table)
     return OK
 
