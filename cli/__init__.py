@@ -44,7 +44,6 @@ EXIT_TEXT: Final = """exit codes:
 """
 
 EXAMPLES: Final = {
-    "agent": "dashcar agent --merge-window-s 0.5",
     "status": "dashcar status --watch            # live; Ctrl-C ends it\n  dashcar status --json | jq .health",
     "flush": "dashcar flush --remote --timeout 60   # wait until remote sinks have it too",
     "stop": "dashcar stop",
@@ -455,4 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return OK
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        err().print(f"dashcar: cannot use{where}: {exc.strerror or exc}; check the path and its permissions",
+                    markup=False, soft_wrap=True)
+        return FAILED
 

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dashcar import _read
 
 from ._common import OK, CliError, err
-from ._runs import Topic, parse_iso, prefix_of, resolve_run, resolve_topic, topics
+from ._runs import Topic, _read_json, iter_rows, parse_iso, prefix_of, resolve_run, resolve_topic, topics
 
 FORMATS: Final = ("parquet", "csv", "jsonl", "mcap")
 LOG_LEVELS: Final = {"debug": 1, "info": 2, "warn": 3, "warning": 3, "error": 4, "fatal": 5, "critical": 5}
@@ -90,27 +90,21 @@ def cell(value: Any) -> str:
 
 def _write_jsonl(topic: Topic, fp: IO[bytes], advance: Callable[[int], None]) -> int:
     n = 0
-    for row in _runs_rows(topic, advance):
+    for row in iter_rows(topic, advance):
         fp.write(json.dumps(row).encode() + b"\n")
         n += 1
     return n
 
 
-def _runs_rows(topic: Topic, advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
-    from ._runs import iter_rows
-
-    return iter_rows(topic, advance)
-
-
 def _write_csv(topic: Topic, fp: IO[bytes], advance: Callable[[int], None]) -> int:
     columns: dict[str, None] = {}
-    for row in _runs_rows(topic, advance):
+    for row in iter_rows(topic, advance):
         columns.update(dict.fromkeys(tabular(topic, row)))
     text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
     writer = csv.writer(text)
     writer.writerow(columns)
     n = 0
-    for row in _runs_rows(topic, advance):
+    for row in iter_rows(topic, advance):
         flat = tabular(topic, row)
         writer.writerow([cell(flat.get(c)) for c in columns])
         n += 1
@@ -120,7 +114,7 @@ def _write_csv(topic: Topic, fp: IO[bytes], advance: Callable[[int], None]) -> i
 
 
 def _write_parquet(topic: Topic, fp: IO[bytes], advance: Callable[[int], None]) -> int:
-    rows = list(_runs_rows(topic, advance))
+    rows = list(iter_rows(topic, advance))
     if topic.kind == "track":
         fp.write(_read._to_parquet(rows))
         return len(rows)
@@ -218,10 +212,8 @@ def _ns(t: object) -> int:
     return max(0, round(t * 1e9))
 
 
-def _write_mcap(run: Path, fp: IO[bytes], total: int, advance: Callable[[int], None], root: Path | None) -> int:
+def _write_mcap(run: Path, fp: IO[bytes], advance: Callable[[int], None], root: Path | None) -> int:
     from mcap.writer import Writer
-
-    from . import _runs
 
     prefix = prefix_of(run, root)
     found = topics(run)
@@ -232,7 +224,7 @@ def _write_mcap(run: Path, fp: IO[bytes], total: int, advance: Callable[[int], N
             advance(topic.path.stat().st_size if topic.path.exists() else 0)
             continue
         schema: dict[str, Any] | None = None
-        for row in _runs.iter_rows(topic, advance):
+        for row in iter_rows(topic, advance):
             msg, _ = mcap_message(topic, row, prefix)
             one = _type_of(msg)
             schema = one if schema is None else merge_schema(schema, one)
@@ -245,11 +237,11 @@ def _write_mcap(run: Path, fp: IO[bytes], total: int, advance: Callable[[int], N
         schema_id = writer.register_schema(name=name, encoding="jsonschema", data=json.dumps(schemas[topic]).encode())
         channel = writer.register_channel(topic=topic.channel, message_encoding="json", schema_id=schema_id,
                                           metadata={"run": prefix, "kind": topic.kind})
-        for seq, row in enumerate(_runs.iter_rows(topic, advance)):
+        for seq, row in enumerate(iter_rows(topic, advance)):
             msg, ns = mcap_message(topic, row, prefix)
             writer.add_message(channel, log_time=ns, data=json.dumps(msg).encode(), publish_time=ns, sequence=seq)
             n += 1
-    info = _runs._read_json(run / "experiment.json")
+    info = _read_json(run / "experiment.json")
     if isinstance(info, dict):
         writer.add_metadata("dashcar.run", {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
     params = _read.read_params(run)
@@ -296,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             fp: IO[bytes]
             with (open(tmp, "wb") if not to_stdout else _stdout()) as fp:
                 if fmt == "mcap":
-                    n = _write_mcap(run_dir, fp, total, advance, root if root.is_dir() else None)
+                    n = _write_mcap(run_dir, fp, advance, root if root.is_dir() else None)
                 elif fmt == "jsonl":
                     n = _write_jsonl(topic, fp, advance)
                 elif fmt == "csv":

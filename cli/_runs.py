@@ -202,11 +202,15 @@ def iter_rows(topic: Topic, progress: Callable[[int], None] | None = None) -> It
     except FileNotFoundError:
         return
     with f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if progress is not None:
                 progress(len(line))
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise CliError(f"{topic.path}:{number} is not a JSON line ({exc}); the file is damaged: "
+                                   "restore it from a backup or cut that line") from None
 
 
 def follow(path: Path, lines: int, poll_s: float = 0.2, stop: Callable[[], bool] = lambda: False) -> Iterator[bytes]:

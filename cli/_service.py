@@ -26,7 +26,6 @@ import argparse
 import grp
 import os
 import pwd
-import shlex
 import shutil
 import subprocess
 import sys
@@ -178,7 +177,8 @@ def install(args: argparse.Namespace) -> int:
                   user=args.run_as, group=args.group)
     path = unit_path(system)
     ctl = "systemctl" + ("" if system else " --user")
-    commands = [f"{ctl} daemon-reload", f"{ctl} enable --now dashcar-agent"]
+    steps = [["daemon-reload"], ["enable", "--now", "dashcar-agent"]]
+    commands = [f"{ctl} {' '.join(step)}" for step in steps]
     notes = _notes(system, args)
     if args.dry_run:
         out().print(text, markup=False, end="")
@@ -209,8 +209,8 @@ def install(args: argparse.Namespace) -> int:
     if not systemd_running():
         raise CliError(f"systemd does not run here, so {path} is written but not enabled; on a machine with systemd run: "
                        + " && ".join(commands))
-    for cmd in commands:
-        code, text_out = _systemctl(system, *shlex.split(cmd)[1 + (0 if system else 1):])
+    for step, cmd in zip(steps, commands, strict=True):
+        code, text_out = _systemctl(system, *step)
         if code != 0:
             raise CliError(f"`{cmd}` failed: {text_out}; fix that, then run it again")
         err().print(f"ran {cmd}", markup=False)

@@ -296,6 +296,12 @@ def test_export_rows_equal_what_read_returns(copied_run: Path, dirs: Path) -> No
     assert [json.loads(line) for line in res.stdout.splitlines()] == metric_rows
     res = dc("export", str(run), "--format", "csv", "--out", str(dirs / "x.csv"))
     assert res.returncode == FAILED and "--topic" in res.stderr
+    with open(run / "metrics" / "train" / "data.jsonl", "ab") as f:
+        f.write(b'{"index": 5, "data": {"loss"\n')
+    res = dc("export", str(run), "--topic", "train", "--format", "jsonl", "--out", str(dirs / "x.jsonl"))
+    assert res.returncode == FAILED and res.stderr.count("\n") == 1
+    assert f"{run / 'metrics' / 'train' / 'data.jsonl'}:6 is not a JSON line" in res.stderr
+    assert not (dirs / "x.jsonl").exists() and not (dirs / ".x.jsonl.part").exists(), "no half-written export is left"
 
 
 def test_export_mcap_holds_every_track_metric_and_the_logs(copied_run: Path, dirs: Path) -> None:
