@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,6 +137,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, number
 
 
+_USERINFO: Final = re.compile(r"(://)[^/@\s]+@")
+"""``scheme://user:secret@host``: what ``describe`` hides of a URL."""
+
 SOURCES: Final = ("default", "file", "env", "flag")
 """Where a setting's value came from, lowest precedence first."""
 
@@ -228,6 +232,8 @@ def describe(cfg: AgentConfig, sources: Mapping[str, str]) -> list[dict[str, Any
     out = []
     for f in dataclasses.fields(AgentConfig):
         value = getattr(cfg, f.name)
+        if isinstance(value, str):
+            value = _USERINFO.sub(r"\1***@", value)
         out.append({
             "name": f.name, "value": str(value) if isinstance(value, Path) else value, "source": sources.get(f.name, "default"),
             "help": helps.get(f.name, ""), "env": f"DASHCAR_{f.name.upper()}", "flag": "--" + f.name.replace("_", "-"),

@@ -131,6 +131,9 @@ class _Hello:
         except Exception as exc:  # the handshake must never hurt the producer
             log.debug("dashcar: hello to the agent failed: %s", exc)
         finally:
+            if self.reply is None:  # no agent answered: the next run start asks again
+                with _hellos_lock:
+                    _hellos.pop((str(self.runtime_dir), self.root, os.getpid()), None)
             self.done.set()
         reply = self.reply
         if reply is not None and not reply.get("ok") and reply.get("reason"):
@@ -150,7 +153,7 @@ def hello(runtime_dir: Path, root: str) -> None:
 
 
 def wait_hello(runtime_dir: Path, root: str, timeout_s: float = HELLO_TIMEOUT_S + 1) -> dict[str, Any] | None:
-    """The agent's answer to this process's handshake for ``root`` (None: none yet, or no agent answered)."""
+    """The agent's answer to this process's handshake for ``root`` (None: not asked, or no agent answered)."""
     with _hellos_lock:
         h = _hellos.get((str(runtime_dir), root, os.getpid()))
     if h is None or not h.done.wait(timeout_s):
