@@ -142,8 +142,9 @@ def fake_systemd(dirs: Path) -> Iterator[FakeSystemd]:
 
 
 FREEZABLE_AGENT = textwrap.dedent("""
-    import signal, sys, time
+    import resource, signal, sys, time
     from dashcar.agent.main import main
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the stand-in's SIGABRT leaves no core file behind
     # A Python signal handler runs on the main thread, which runs the agent's event loop:
     # SIGUSR1 wedges the loop (the threads and the ingest process go on), as a stuck task would.
     signal.signal(signal.SIGUSR1, lambda *_: time.sleep(3600))
@@ -160,7 +161,7 @@ def test_watchdog_fires_when_the_event_loop_is_wedged_and_a_restart_keeps_the_da
     with open(dirs / "agent.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-c", FREEZABLE_AGENT, "--runtime-dir", str(h.runtime_dir),
                                  "--state-dir", str(h.state_dir), "--merge-window-s", "0.1"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                env=env, cwd=dirs, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         wait_until(lambda: fake_systemd.seen("READY=1"), 30, "READY=1")
         assert _agent.request(h.runtime_dir, {"op": "ping"}, 5), "ready means the control socket answers"
