@@ -14,6 +14,13 @@ commits, and exits, all within ``shutdown_timeout_s``; a second signal exits at 
 sinks stop after their current attempt, their backlog kept. Whatever is cut short by the
 deadline or by ``kill -9`` is in the WAL and is recovered on the next start.
 
+Its own signals: ``measure`` samples every figure of ``signals.TABLE`` (the Prometheus
+endpoint serves them, ``status`` places them in its document, with rates over the last few
+seconds and ``health``: what is wrong now, and whether frames were lost in the last minute);
+the watcher samples the history rates come from, pings systemd's watchdog from the event loop
+(a wedged loop stops pinging) and sends ``STATUS=`` lines. ``hello`` answers a producer's
+handshake at run start (protocol major, ``data_roots``), counting refusals.
+
 Retention: after each core step the agent checks the WAL against its cap; past
 ``wal.SKIP_SHARE`` a sink whose ``when_full`` is ``skip`` that lags is told to jump over the
 older half of its backlog (counted), so a slow remote never costs local files a frame.
