@@ -1,4 +1,8 @@
-"""The control socket: ping, status, flush barriers and stop, over a local ROUTER.
+"""The control socket: ping, hello, status, flush barriers and stop, over a local ROUTER.
+
+``hello`` is what a producer asks once per data root when a run starts (never on the hot
+path): the agent checks its protocol major and its data root (``data_roots``) and answers
+``ok`` or why not; a refusal is counted (``producers.refused_by``) and the SDK logs it.
 
 Requests and replies are msgpack maps. ``wait`` answers once every local sink has written
 and committed the producer's flush frame ``(sid, seq)``; ``flush`` settles every open row
@@ -21,6 +25,8 @@ from anyio.abc import TaskStatus
 
 from dashcar.proto import CONTROL_SOCKET, PROTOCOL_VERSION
 
+from .access import share
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 16
@@ -41,6 +47,9 @@ class Controlled(Protocol):
     def wait_flushed(self, sid: int, seq: int, timeout_s: float) -> bool:
         """True once producer ``sid``'s barrier ``seq`` is written locally."""
 
+    def hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Check a producer's protocol version and data root at run start."""
+
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
     """A request map with a string ``op``, or None if it is not one."""
@@ -58,8 +67,10 @@ def _number(msg: dict[str, Any], key: str, default: float) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-async def serve(runtime_dir: Path, agent: Controlled, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Answer control requests until cancelled."""
+async def serve(
+    runtime_dir: Path, agent: Controlled, *, group: int | None = None, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer control requests until cancelled; with ``group``, members of that group may connect."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -69,6 +80,7 @@ async def serve(runtime_dir: Path, agent: Controlled, *, task_status: TaskStatus
     except FileNotFoundError:
         pass
     sock.bind(f"ipc://{path}")
+    share(path, group, 0o660)
     waiters = anyio.CapacityLimiter(256)
 
     async def reply(ident: bytes, body: dict[str, Any]) -> None:
@@ -97,6 +109,8 @@ async def serve(runtime_dir: Path, agent: Controlled, *, task_status: TaskStatus
                 op = msg["op"]
                 if op == "ping":
                     await reply(ident, {"ok": True, "pid": os.getpid(), "version": PROTOCOL_VERSION})
+                elif op == "hello":
+                    await reply(ident, agent.hello(msg))
                 elif op == "status":
                     await reply(ident, {"ok": True, **agent.status()})
                 elif op == "wait":

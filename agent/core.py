@@ -34,6 +34,7 @@ from dashcar.proto import Kind, ProtocolError, check_record, frame_count, run_di
 
 from . import layout, merge
 from .book import Book, Producer, Run, iso
+from .config import root_allowed
 from .errors import WALFull
 from .stream import (
     Batch,
@@ -60,6 +61,8 @@ RECENT_BYTES: Final = 2 << 20
 """Stream batches kept decoded in memory (at most this many, of this packed size together), so
 sinks that keep up never unpack them; decoded, a batch takes several times its packed size."""
 WARN_INTERVAL_S: Final = 10.0
+ROOT_REFUSED: Final = "root"
+"""Rejection reason of a frame whose data root the agent's ``data_roots`` does not allow."""
 
 _TRACK: Final = int(Kind.TRACK)
 _METRIC: Final = int(Kind.METRIC)
@@ -111,8 +114,12 @@ class Core:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sinks_passed: Callable[[], int] | None = None,
+        allowed_roots: tuple[str, ...] = (),
     ) -> None:
         self.wal = wal
+        self.allowed_roots = allowed_roots
+        """Data roots runs may be written under (``data_roots``); empty: any."""
+        self._root_ok: dict[str, bool] = {}
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.clock = clock
@@ -298,6 +305,14 @@ class Core:
                 s.frames += n
                 self._warn("reject:" + exc.reason, "wal_seq=%d frame rejected reason=%s detail=%s", wseq, exc.reason, exc)
                 continue
+            if self.allowed_roots and not self._roots_allowed(frames):
+                n = len(frames)
+                self.rejected_by[ROOT_REFUSED] = self.rejected_by.get(ROOT_REFUSED, 0) + n
+                self.book.count(None, "rejected", n)
+                s.frames += n
+                self._warn("reject:root", "wal_seq=%d frame rejected reason=root root=%s allowed=%s", wseq,
+                           next((f[4] for f in frames if not self._root_ok.get(f[4], True)), "?"), ",".join(self.allowed_roots))
+                continue
             for f in frames:
                 self._apply(f, wseq, s)
         if records:
@@ -313,6 +328,22 @@ class Core:
         if not records and not rows_items and not s.acks and not book.dirty_runs:
             return None
         return self._emit(s, rows_items)
+
+    def _roots_allowed(self, frames: list[list[Any]]) -> bool:
+        """True if every producer frame of a record names an allowed data root (cached per root)."""
+        cache = self._root_ok
+        for f in frames:
+            if f[1] >= _GONE:
+                continue
+            root = f[4]
+            ok = cache.get(root)
+            if ok is None:
+                ok = root_allowed(root, self.allowed_roots)
+                if len(cache) < 65536:
+                    cache[root] = ok
+            if not ok:
+                return False
+        return True
 
     def _apply(self, f: list[Any], wseq: int, s: _Step) -> None:
         """Apply one checked frame ``[v, kind, sid, pid, root, prefix, seq, payload]``."""
@@ -604,8 +635,10 @@ class Core:
             "counters": dict(book.counters),
             "rejected_by": dict(self.rejected_by),
             "runs": {
-                p: {"status": r.status, "producers": {str(k): v for k, v in r.producers.items()}, "counters": dict(r.counters)}
-                for p, r in book.runs.items()
+                p: {"status": r.status, "producers": {str(k): v for k, v in r.producers.items()}, "counters": dict(r.counters),
+                    "created_at": r.created_at, "pids": sorted({pr.pid for k in r.producers if (pr := book.producers.get(k))}),
+                    "root": r.root, "prefix": r.prefix}
+                for p, r in list(book.runs.items())
             },
         }
 

@@ -66,11 +66,12 @@ from dashcar.proto import (
 )
 
 from . import logs
+from .access import group_id, share
 from .config import AgentConfig
 from .errors import WALError
 from .wal import Wal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dashcar.agent.ingest")  # not __name__: the child runs as __main__
 
 WARN_INTERVAL_S: Final = 10.0
 MAX_MESSAGE: Final = 1 << 20
@@ -114,9 +115,11 @@ class Ingest:
     """The child's receive side: owns the PULL socket and the WAL's append path."""
 
     def __init__(
-        self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float
+        self, wal: Wal, runtime_dir: Path, chan: socket.socket, *, batch: int, rcvhwm: int, group_commit_s: float,
+        group: int | None = None,
     ) -> None:
         self.wal = wal
+        self.group = group
         self.chan = chan
         self.batch = batch
         self.max_batch_bytes = min(MAX_BATCH_BYTES, max(64 << 10, wal.max_bytes // 64))
@@ -180,6 +183,7 @@ class Ingest:
         except FileNotFoundError:
             pass
         sock.bind(self.endpoint)
+        share(self._sock_path, self.group, 0o660)
         self._acks = ctx.socket(zmq.PUB)
         self._acks.setsockopt(zmq.LINGER, 0)
         self._acks.setsockopt(zmq.SNDHWM, ACK_HWM)
@@ -188,6 +192,7 @@ class Ingest:
         except FileNotFoundError:
             pass
         self._acks.bind(f"ipc://{self._acks_path}")
+        share(self._acks_path, self.group, 0o660)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.chan.fileno(), zmq.POLLIN)
@@ -353,7 +358,7 @@ class IngestProcess:
         settings = {
             "runtime_dir": str(cfg.runtime_dir), "wal": str(cfg.state_dir / "wal"), "wal_max_bytes": cfg.wal_max_bytes,
             "wal_sync": cfg.wal_sync, "batch": cfg.ingest_batch, "rcvhwm": cfg.rcvhwm, "group_commit_s": cfg.group_commit_s,
-            "log_level": cfg.log_level,
+            "log_level": cfg.log_level, "socket_group": group_id(cfg.socket_group),
         }
         argv = [sys.executable, "-m", "dashcar.agent.ingest", str(theirs.fileno()), str(os.getpid()), json.dumps(settings)]
         try:
@@ -436,7 +441,8 @@ def child_main(argv: list[str]) -> int:
     tune_gc()
     try:
         Ingest(
-            wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"]
+            wal, Path(raw["runtime_dir"]), chan, batch=raw["batch"], rcvhwm=raw["rcvhwm"], group_commit_s=raw["group_commit_s"],
+            group=raw.get("socket_group"),
         ).run()
     except (BrokenPipeError, ConnectionResetError):
         log.error("agent went away; ingest stops")

@@ -1,4 +1,4 @@
-"""sd_notify over ``$NOTIFY_SOCKET`` (READY/STOPPING/WATCHDOG); a no-op when it is unset."""
+"""sd_notify over ``$NOTIFY_SOCKET`` (READY/STATUS/STOPPING/WATCHDOG); a no-op when it is unset."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import os
 import socket
 
 
+def enabled() -> bool:
+    """True when systemd (or a stand-in) listens on ``$NOTIFY_SOCKET``."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def notify(message: str) -> bool:
-    """Send one notification to systemd; False when not run under systemd."""
+    """Send one notification (``KEY=value`` lines) to systemd; False when not run under systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False

@@ -9,6 +9,7 @@ from ._constants import HELLO_TOPIC as HELLO_TOPIC
 from ._constants import INGEST_SOCKET as INGEST_SOCKET
 from ._constants import LOG_LEVELS as LOG_LEVELS
 from ._constants import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._constants import PROTOCOL_MINOR as PROTOCOL_MINOR
 from ._constants import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._constants import SPAWN_LOCK as SPAWN_LOCK
 from ._errors import ConfigError as ConfigError
@@ -70,6 +71,7 @@ __all__ = [
     "LOG_LEVELS",
     "MAX_FRAME_BYTES",
     "NDARRAY_MIN_SIZE",
+    "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",
     "RUN_STATUSES",
     "SPAWN_LOCK",

@@ -7,6 +7,10 @@ from typing import Final
 PROTOCOL_VERSION: Final = 1
 """Major version of the frame format; a frame with another major is refused."""
 
+PROTOCOL_MINOR: Final = 1
+"""Minor version: additions both sides may ignore (1: the ``hello`` control request at run start).
+Sides of one major and any minors work together."""
+
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 """Largest frame the agent accepts and the SDK sends (a larger one is a caller error)."""
 

@@ -1,9 +1,15 @@
-"""Finding the agent: its runtime directory, the control client, and auto-spawn.
+"""Finding the agent: its runtime directory, the control client, auto-spawn and the handshake.
 
 The agent holds an exclusive ``flock`` on ``agent.lock`` in its runtime directory for as
 long as it lives, so "is an agent there?" is a non-blocking lock probe, not a network
 round trip. Spawning is serialised by ``spawn.lock``: of ten processes starting at once,
 the first spawns and waits until the new agent holds its lock; the others then see it.
+
+The handshake (``hello``): when a run starts, once per process, runtime dir and data root, a
+background thread tells the agent this SDK's protocol version and the run's data root. An
+agent of another protocol major, or one whose ``data_roots`` do not hold the root, answers
+why; the SDK logs that as an ERROR (the producer's log says what to do) and the agent counts
+the refusal, and the frames it then refuses too. The caller never waits for it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +27,12 @@ from typing import Any
 
 import msgpack
 
-from dashcar.proto import AGENT_LOCK, CONTROL_SOCKET, SPAWN_LOCK, ensure_private_dir, state_dir
+from dashcar.proto import AGENT_LOCK, CONTROL_SOCKET, PROTOCOL_MINOR, PROTOCOL_VERSION, SPAWN_LOCK, ensure_private_dir, state_dir
 
 log = logging.getLogger("dashcar")
 
 SPAWN_WAIT_S = 10.0
+HELLO_TIMEOUT_S = 5.0
 
 
 def agent_running(runtime_dir: Path) -> bool:
@@ -99,3 +107,55 @@ def request(runtime_dir: Path, message: dict[str, object], timeout_s: float) -> 
         return reply if isinstance(reply, dict) else None
     finally:
         sock.close()
+
+
+class _Hello:
+    """One handshake, run on its own daemon thread; ``reply`` once it is answered."""
+
+    def __init__(self, runtime_dir: Path, root: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.root = root
+        self.reply: dict[str, Any] | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="dashcar-hello", daemon=True).start()
+
+    def _run(self) -> None:
+        from dashcar import __version__
+
+        try:
+            msg: dict[str, object] = {
+                "op": "hello", "proto": [PROTOCOL_VERSION, PROTOCOL_MINOR], "sdk": __version__, "pid": os.getpid(),
+                "root": self.root,
+            }
+            self.reply = request(self.runtime_dir, msg, HELLO_TIMEOUT_S)
+        except Exception as exc:  # the handshake must never hurt the producer
+            log.debug("dashcar: hello to the agent failed: %s", exc)
+        finally:
+            if self.reply is None:  # no agent answered: the next run start asks again
+                with _hellos_lock:
+                    _hellos.pop((str(self.runtime_dir), self.root, os.getpid()), None)
+            self.done.set()
+        reply = self.reply
+        if reply is not None and not reply.get("ok") and reply.get("reason"):
+            log.error("dashcar: %s", reply.get("error") or f"the agent refused this producer ({reply['reason']})")
+
+
+_hellos: dict[tuple[str, str, int], _Hello] = {}
+_hellos_lock = threading.Lock()
+
+
+def hello(runtime_dir: Path, root: str) -> None:
+    """Start the handshake for ``root`` with the agent at ``runtime_dir`` unless this process did already."""
+    key = (str(runtime_dir), root, os.getpid())
+    with _hellos_lock:
+        if key not in _hellos:
+            _hellos[key] = _Hello(runtime_dir, root)
+
+
+def wait_hello(runtime_dir: Path, root: str, timeout_s: float = HELLO_TIMEOUT_S + 1) -> dict[str, Any] | None:
+    """The agent's answer to this process's handshake for ``root`` (None: not asked, or no agent answered)."""
+    with _hellos_lock:
+        h = _hellos.get((str(runtime_dir), root, os.getpid()))
+    if h is None or not h.done.wait(timeout_s):
+        return None
+    return h.reply

@@ -47,6 +47,8 @@ from dashcar.proto import (
     ndarray_ext,
 )
 
+from . import _agent
+
 if TYPE_CHECKING:
     import zmq
 else:
@@ -112,9 +114,15 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
     """
     try:
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)  # group: a shared agent reads it (see agent/access.py)
     except OSError:
         return bytearray(COUNTER.size)
+    try:
+        gid = os.stat(path.parent).st_gid
+        if gid != os.getegid():
+            os.fchown(fd, -1, gid)  # a shared agent's directory: its group reads the file
+    except OSError:
+        pass
     try:
         os.ftruncate(fd, COUNTER.size)
         return mmap.mmap(fd, COUNTER.size)
@@ -137,7 +145,7 @@ class Producer:
     __slots__ = (
         "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report",
         "_buf", "_buf_t", "_buf_bytes", "acks", "held", "held_bytes", "incarnation", "released", "resent", "_sends",
-        "_released_report",
+        "_released_report", "runtime_dir",
     )
 
     def __init__(
@@ -155,6 +163,7 @@ class Producer:
         self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         self.sock.connect(endpoint)
+        self.runtime_dir = runtime_dir
         self.sid = (int.from_bytes(os.urandom(8), "big") >> 2) | (1 << 62)
         self.pid = os.getpid()
         self.seq = 0
@@ -194,6 +203,8 @@ class Producer:
         head = self._heads.get(key)
         if head is None:
             head = self._heads[key] = frame_head(kind, self.sid, self.pid, root, prefix)
+            if kind == Kind.RUN_OPEN:
+                _agent.hello(self.runtime_dir, root)
         pack = self._packer.pack
         body = pack(payload)
         size = len(head) + len(body) + 9

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dashcar
+from dashcar.agent.main import ALREADY_RUNNING
 from tests.conftest import AgentHandle, read_json, read_jsonl, run_producer, wait_until
 
 
@@ -210,7 +211,7 @@ def test_second_agent_on_the_same_runtime_dir_refuses(agent: AgentHandle) -> Non
         [sys.executable, "-m", "dashcar.agent", "--runtime-dir", str(agent.runtime_dir), "--state-dir", str(agent.state_dir)],
         env=agent.env(), capture_output=True, text=True, timeout=30,
     )
-    assert res.returncode == 4 and "already" in res.stderr
+    assert res.returncode == ALREADY_RUNNING and "already" in res.stderr
     assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
 
 

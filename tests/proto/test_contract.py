@@ -20,7 +20,7 @@ DASHCAR_API = [
 ]
 PROTO_API = [
     "ACKS_SOCKET", "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "HELLO_TOPIC", "INGEST_SOCKET", "LOG_LEVELS",
-    "MAX_FRAME_BYTES", "NDARRAY_MIN_SIZE", "PROTOCOL_VERSION", "RUN_STATUSES", "SPAWN_LOCK",
+    "MAX_FRAME_BYTES", "NDARRAY_MIN_SIZE", "PROTOCOL_MINOR", "PROTOCOL_VERSION", "RUN_STATUSES", "SPAWN_LOCK",
     "ConfigError", "DashcarError", "DecodeError", "Flush", "Frame", "FrameTooLarge", "InvalidName",
     "Kind", "Log", "Meta", "Metric", "Params", "ProducerGone", "ProtocolError", "RunClose", "RunOpen",
     "Track", "UnsupportedVersion", "check_prefix", "check_record", "check_root", "coalesce", "counter_path",
