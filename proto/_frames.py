@@ -447,7 +447,8 @@ def message_ids(message: bytes) -> tuple[int, int, int] | None:
         if size is None:
             return None
         first = int.from_bytes(message[at + 1:at + 1 + size], "big")
-    return int.from_bytes(message[start + 4:start + 12], "big") if message[start + 3] == 0xCF else _sid(message, start), first, first + n - 1
+    sid = int.from_bytes(message[start + 4:start + 12], "big") if message[start + 3] == 0xCF else _sid(message, start)
+    return sid, first, first + n - 1
 
 
 def _sid(message: bytes, start: int) -> int:
