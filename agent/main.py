@@ -95,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import WALCorrupt
 
     try:
-        anyio.run(service.serve, cfg, backend="asyncio")
-    except WALCorrupt as exc:
+        clean = anyio.run(service.serve, cfg, backend="asyncio")
+    except (WALCorrupt, ConfigError) as exc:
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return STARTUP_FAILURE
     except KeyboardInterrupt:
-        pass
+        return OK
+    if not clean:
+        # A stalled upload's thread would hold the exit until the network gives up (a minute).
+        logging.shutdown()
+        os._exit(OK)
     return OK

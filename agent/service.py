@@ -296,10 +296,12 @@ async def _in_thread(done: anyio.Event, fn: Any) -> None:
 
 async def serve(
     cfg: AgentConfig, *, handle_signals: bool = True, task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED
-) -> None:
+) -> bool:
     """Run the agent until a stop signal or request; see the module docstring.
 
     ``task_status`` receives the running ``Agent`` once it is ready (tests run it in-process).
+    Returns False when a sink left network calls running past their deadline: everything is
+    committed, and only an immediate exit (``os._exit``) ends them without waiting.
     """
     agent = Agent(cfg)
     tune_gc()
@@ -313,7 +315,12 @@ async def serve(
     for s in agent.sinks:
         s.close()
     agent.wal.close()
+    left = sum(getattr(s, "unfinished", lambda: 0)() for s in agent.sinks)
+    if left:
+        log.info("agent stopped; %d remote calls past their deadline are left to the exit (the next start redoes them)", left)
+        return False
     log.info("agent stopped")
+    return True
 
 
 async def _serve(agent: Agent, handle_signals: bool, task_status: TaskStatus[Agent]) -> None:

@@ -414,10 +414,17 @@ class Uploads:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.abandoned: dict[str, tuple[threading.Thread, bytes]] = {}
+        self.stopping = threading.Event()
+        """Set when the agent stops: waiting uploads are abandoned at once."""
 
     def _prune(self) -> None:
         for key in [k for k, (t, _) in self.abandoned.items() if not t.is_alive()]:
             del self.abandoned[key]
+
+    def running(self) -> int:
+        """Abandoned uploads still running."""
+        self._prune()
+        return len(self.abandoned)
 
     def busy(self, key: str, digest: bytes | None = None) -> bool:
         """True if an abandoned upload of ``key`` still runs (with other bytes than ``digest``, if given)."""
@@ -447,10 +454,13 @@ class Uploads:
             deadline = time.monotonic() + self.timeout_s
             late: list[str] = []
             for (key, digest, _), t in zip(wave, threads, strict=True):
-                t.join(max(0.0, deadline - time.monotonic()))
+                while t.is_alive() and not self.stopping.is_set() and time.monotonic() < deadline:
+                    t.join(min(0.1, max(0.0, deadline - time.monotonic())))
                 if t.is_alive():
                     self.abandoned[key] = (t, digest)
                     late.append(key)
+            if late and self.stopping.is_set():
+                raise SinkRetryable(f"the agent is stopping: {what} of {late[0]} abandoned (the backlog stays in the WAL)")
             if late:
                 raise SinkRetryable(f"{what} of {late[0]} took more than {self.timeout_s:g}s (abandoned, retried)")
             failed = next((e for e in errors if e is not None), None)
@@ -780,8 +790,17 @@ class ArchiveSink:
             self.runs.pop(path, None)
         self._final = set()
 
+    def interrupt(self) -> None:
+        """The agent stops: a send waiting on uploads gives up now (its batches stay in the WAL)."""
+        self.uploads.stopping.set()
+
+    def unfinished(self) -> int:
+        """Uploads past their deadline still running (only the process's exit ends them; the next start redoes them)."""
+        return self.uploads.running()
+
     def close(self) -> None:
-        """Uploads past their deadline are left to end on their own (daemon threads)."""
+        """Uploads past their deadline are left to end on their own threads."""
+        self.uploads.stopping.set()
 
     def status(self) -> dict[str, Any]:
         """Where the archive goes, what it wrote, and uploads still running past their deadline."""

@@ -19,7 +19,8 @@ A sink may ask for more (optional attributes, see ``sinks.Sink``): ``hold_frames
 make the runner gather batches until that many frames wait, the oldest has waited that long,
 a run ends, the agent stops or a flush waits for them (an archive rolls objects so), and
 ``max_frames``/``max_batches`` bound one send (default 8192 frames, 64 batches); ``pending()`` has the runner call
-``send([])`` while no batch comes (a sink with retries of its own). A send that staged nothing
+``send([])`` while no batch comes (a sink with retries of its own); ``interrupt()`` (a remote sink)
+is called when the agent stops, so a send waiting on the network gives up at once. A send that staged nothing
 is committed at most once a second: ``cursor`` is what was delivered, ``durable`` what a
 restart resumes after; retention follows ``durable``.
 """
@@ -220,9 +221,12 @@ class Runner:
             self._committed_at = time.monotonic()
 
     def stop(self) -> None:
-        """Ask the thread to finish what the core has made and return."""
+        """Ask the thread to finish what the core has made and return (a remote stops waiting on the network)."""
         self.stopping.set()
         self._wake.set()
+        interrupt: Callable[[], None] | None = getattr(self.sink, "interrupt", None)
+        if interrupt is not None and not self.sink.barrier:
+            interrupt()
         with self.core.cond:
             self.core.cond.notify_all()
 

@@ -293,6 +293,12 @@ class Weed:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(20)
 
+    def cleanup(self) -> None:
+        """Kill the server and remove the gRPC sockets it keeps in /tmp whatever ``TMPDIR`` says."""
+        self.kill()
+        for name, port in self.ports.items():
+            Path(f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock").unlink(missing_ok=True)
+
     def log(self) -> str:
         path = self.dir / "weed.log"
         return path.read_text(errors="replace") if path.exists() else ""

@@ -8,6 +8,7 @@ What the bucket holds is read back by DuckDB (httpfs), pandas and ``pyarrow.data
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,4 +253,40 @@ def test_a_seaweedfs_server_killed_mid_run_keeps_its_data_and_the_archive_comple
         doc = check_bucket(weed.endpoint, bucket, expected(8000))
         assert doc["complete"]
     finally:
-        weed.kill()
+        weed.cleanup()
+
+
+def test_the_agent_stops_at_once_while_an_upload_stalls_and_ships_the_rest_on_its_next_start(
+    agent_factory: Any, producers: Any, moto: Moto, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = "stopping"
+    client(moto.endpoint).create_bucket(Bucket=bucket)
+    agent = archive_agent(agent_factory, monkeypatch, proxy.endpoint, bucket)
+    agent.extra_args += ["--archive-timeout-s", "60"]
+    proxy.set_mode("stall")
+    agent.start()
+    proc = start_producer(producers, agent, [(0, 2000)])
+    next_phase(proc, "phase 2000")
+    wait_until(lambda: proxy.held > 0, 30, "an upload in flight")
+    go(proc)
+    next_phase(proc, "done")
+    t0 = time.monotonic()
+    assert agent.stop(30) == 0, agent.log()[-3000:]
+    assert time.monotonic() - t0 < 10, "the stop did not wait for the stalled upload's 60 s deadline"
+    proxy.set_mode("pass")
+    agent.start()
+    assert remote_flush(agent, 60), f"archive caught up:\n{agent.log()[-3000:]}"
+    assert check_bucket(moto.endpoint, bucket, expected(2000))["complete"]
+
+
+def test_a_bad_archive_uri_stops_the_agent_at_start_with_a_clear_error(dirs: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "dashcar.agent", "--runtime-dir", str(dirs / "rt"), "--state-dir", str(dirs / "state"),
+         "--archive-uri", "gs://bucket/prefix"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "DASHCAR_AUTOSPAWN": "0"},
+    )
+    assert res.returncode == 3, res.stderr
+    assert "archive_uri 'gs://bucket/prefix': use s3://bucket/prefix or file:///path" in res.stderr
