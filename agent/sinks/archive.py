@@ -30,11 +30,13 @@ Invariants
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
 import logging
 import math
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -229,6 +231,31 @@ class S3Store:
 
 
 # ----------------------------------------------------------------------------- columns
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ImportError("the archive sink converts lists only")
+
+
+def arrow_without_pandas() -> None:
+    """Let pyarrow find pandas absent before its first list conversion would import it.
+
+    ``pa.array`` imports pandas (35 MB, 0.4 s) to check whether its input is a pandas object;
+    the sink only ever converts lists. pyarrow still imports pandas if something later needs it.
+    """
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0.0])
+    finally:
+        sys.meta_path.remove(finder)
+
+
+
 NUMBER, BOOL, TEXT, NUMBERS, JSON = "d", "b", "s", "l", "j"
 """Field types: DOUBLE, BOOLEAN, VARCHAR, DOUBLE[], VARCHAR of JSON text."""
 _NONE = type(None)
@@ -518,6 +545,7 @@ class ArchiveSink:
             state.put(b"writer", writer)
             state.commit()
         self.writer = str(writer)
+        arrow_without_pandas()
         self.plan = [list(p) for p in state.get(b"plan", [])]
         self.runs = {}
         self._touched = set()
