@@ -34,6 +34,7 @@ import importlib.abc
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import sys
@@ -71,6 +72,8 @@ UPLOADS_AT_ONCE: Final = 4
 MAX_ABANDONED: Final = 8
 """Uploads past their deadline still running; beyond this, sends wait for them to end."""
 FORMAT: Final = 1
+REMOTE_NICE: Final = 5
+"""The archive's thread runs this much kinder than the local sinks: under load, JSONL gets the CPU first."""
 KEY_PART_MAX: Final = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PREFIX_OK = re.compile(r"[A-Za-z0-9._/-]*")
@@ -213,6 +216,7 @@ class S3Store:
             scheme="http" if ep and ep.scheme == "http" else "https",
             connect_timeout=min(timeout_s, 10.0),
             request_timeout=timeout_s,
+            background_writes=False,
             allow_delayed_open=True,  # type: ignore[call-arg]  # pyarrow >= 15 has it, its stubs do not
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
         )
@@ -237,23 +241,22 @@ class _NoPandas(importlib.abc.MetaPathFinder):
             raise ImportError("the archive sink converts lists only")
 
 
-def arrow_without_pandas() -> None:
-    """Let pyarrow find pandas absent before its first list conversion would import it.
+def prepare_arrow() -> None:
+    """Keep pyarrow from importing pandas into the agent.
 
     ``pa.array`` imports pandas (35 MB, 0.4 s) to check whether its input is a pandas object;
-    the sink only ever converts lists. pyarrow still imports pandas if something later needs it.
+    the sink only ever converts lists, so pyarrow is made to find pandas absent (it still imports
+    it if something later needs it).
     """
-    if "pandas" in sys.modules:
-        return
     import pyarrow as pa
 
-    finder = _NoPandas()
-    sys.meta_path.insert(0, finder)
-    try:
-        pa.array([0.0])
-    finally:
-        sys.meta_path.remove(finder)
-
+    if "pandas" not in sys.modules:
+        finder = _NoPandas()
+        sys.meta_path.insert(0, finder)
+        try:
+            pa.array([0.0])
+        finally:
+            sys.meta_path.remove(finder)
 
 
 NUMBER, BOOL, TEXT, NUMBERS, JSON = "d", "b", "s", "l", "j"
@@ -431,16 +434,37 @@ def split_encode(table: pa.Table, roll_rows: int, roll_bytes: int) -> list[tuple
 
 
 # ----------------------------------------------------------------------------- uploads
+class _Worker:
+    """A daemon thread that runs upload calls one after another until told to stop (``None``)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event, list[BaseException | None], int] | None] = (
+            queue.SimpleQueue()
+        )
+        self.thread = threading.Thread(target=self._loop, name="archive-upload", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            call, done, errors, j = job
+            try:
+                call()
+            except BaseException as exc:
+                errors[j] = exc
+            done.set()
+
+
 class Uploads:
-    """Runs uploads on their own threads under a deadline; one past it is abandoned, not stopped.
+    """Runs uploads on a few worker threads under a deadline; one past it is abandoned, not stopped.
 
     An abandoned upload may still land: the same key may only be written again with the same
-    bytes while it runs, and not deleted (``busy``).
+    bytes while it runs, and not deleted (``busy``). Its worker leaves the pool and ends with it.
     """
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.abandoned: dict[str, tuple[threading.Thread, bytes]] = {}
+        self.idle: list[_Worker] = []
         self.stopping = threading.Event()
         """Set when the agent stops: waiting uploads are abandoned at once."""
 
@@ -473,18 +497,22 @@ class Uploads:
         for i in range(0, len(jobs), UPLOADS_AT_ONCE):
             wave = jobs[i:i + UPLOADS_AT_ONCE]
             errors: list[BaseException | None] = [None] * len(wave)
-            threads = []
+            running: list[tuple[_Worker, threading.Event]] = []
             for j, (_, _, call) in enumerate(wave):
-                t = threading.Thread(target=self._call, args=(call, errors, j), name=f"archive-{what}", daemon=True)
-                t.start()
-                threads.append(t)
+                worker = self.idle.pop() if self.idle else _Worker()
+                done = threading.Event()
+                worker.jobs.put((call, done, errors, j))
+                running.append((worker, done))
             deadline = time.monotonic() + self.timeout_s
             late: list[str] = []
-            for (key, digest, _), t in zip(wave, threads, strict=True):
-                while t.is_alive() and not self.stopping.is_set() and time.monotonic() < deadline:
-                    t.join(min(0.1, max(0.0, deadline - time.monotonic())))
-                if t.is_alive():
-                    self.abandoned[key] = (t, digest)
+            for (key, digest, _), (worker, done) in zip(wave, running, strict=True):
+                while not done.is_set() and not self.stopping.is_set() and time.monotonic() < deadline:
+                    done.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                if done.is_set():
+                    self.idle.append(worker)
+                else:
+                    worker.jobs.put(None)
+                    self.abandoned[key] = (worker.thread, digest)
                     late.append(key)
             if late and self.stopping.is_set():
                 raise SinkRetryable(f"the agent is stopping: {what} of {late[0]} abandoned (the backlog stays in the WAL)")
@@ -493,13 +521,6 @@ class Uploads:
             failed = next((e for e in errors if e is not None), None)
             if failed is not None:
                 raise SinkRetryable(f"{what} failed: {failed}") from failed
-
-    @staticmethod
-    def _call(call: Callable[[], None], errors: list[BaseException | None], j: int) -> None:
-        try:
-            call()
-        except BaseException as exc:
-            errors[j] = exc
 
 
 # ----------------------------------------------------------------------------- sink
@@ -534,6 +555,7 @@ class ArchiveSink:
         self.runs: dict[str, dict[str, Any]] = {}
         self._touched: set[str] = set()
         self._final: set[str] = set()
+        self._niced = 0
         self.counters = {"objects": 0, "bytes": 0, "rows": 0, "manifests": 0, "replayed": 0, "deleted": 0}
 
     # ---------------------------------------------------------------- open
@@ -545,7 +567,12 @@ class ArchiveSink:
             state.put(b"writer", writer)
             state.commit()
         self.writer = str(writer)
-        arrow_without_pandas()
+        prepare_arrow()
+        if self._niced != threading.get_ident() and threading.current_thread() is not threading.main_thread():
+            from ..service import lower_thread_priority
+
+            lower_thread_priority(REMOTE_NICE)
+            self._niced = threading.get_ident()
         self.plan = [list(p) for p in state.get(b"plan", [])]
         self.runs = {}
         self._touched = set()
