@@ -51,7 +51,7 @@ from dashcar.proto import ConfigError, metric_dir_parts, split_name, track_dir_n
 
 from .. import layout, merge
 from ..errors import SinkRetryable
-from ..stream import LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import Item, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 
 if TYPE_CHECKING:
@@ -385,6 +385,7 @@ class _Group:
     head: dict[str, list[Any]] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     late: int = 0
+    items: list[Item] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +556,7 @@ class ArchiveSink:
         self.runs: dict[str, dict[str, Any]] = {}
         self._touched: set[str] = set()
         self._final: set[str] = set()
+        self._refused: list[Rejected] = []
         self._niced = 0
         self.counters = {"objects": 0, "bytes": 0, "rows": 0, "manifests": 0, "replayed": 0, "deleted": 0}
 
@@ -626,6 +628,7 @@ class ArchiveSink:
         if not batches:
             return []
         assert self.store is not None, "open() comes first"
+        self._refused = []
         first, last = batches[0].seq, batches[-1].seq
         reuse, stale = self._check_plan(first, last)
         if stale:
@@ -666,7 +669,7 @@ class ArchiveSink:
             state.put(b"r:" + path.encode(), self.runs[path])
         self._final = {p for p in self._touched if self.runs[p]["final"]}
         self._touched = set()
-        return []
+        return self._refused
 
     def _check_plan(self, first: int, last: int) -> tuple[list[list[Any]], list[str]]:
         """The plan's ranges this send rebuilds, and the keys of those it cannot (to delete)."""
@@ -708,6 +711,7 @@ class ArchiveSink:
             g = groups.get((kind, run, name, folder))
             if g is None:
                 g = groups[(kind, run, name, folder)] = _Group(kind, run, name, folder)
+            g.items.append(item)
             return g
 
         for batch in batches:
@@ -789,7 +793,8 @@ class ArchiveSink:
         try:
             blobs = split_encode(table, self.roll_rows, self.roll_bytes)
         except ValueError as exc:
-            raise SinkRetryable(f"{kind} of run {run['prefix']!r}: {exc}") from exc
+            self._refused.append(Rejected(f"{kind} of run {run['prefix']!r} cannot be archived: {exc}", g.items))
+            return []
         where = f"run_dir={run['key']}" if s is None else f"run_dir={run['key']}/name_dir={series_key(kind, g.name)}"
         out = []
         for blob, rows in blobs:

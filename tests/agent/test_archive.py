@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -17,7 +18,7 @@ import pytest
 from dashcar.agent import config
 from dashcar.agent.core import Core
 from dashcar.agent.errors import SinkRetryable
-from dashcar.agent.sinks import load
+from dashcar.agent.sinks import archive, load
 from dashcar.agent.sinks.archive import MAX_OBJECT_BYTES, ArchiveSink, Uploads, parse_uri, run_key, series_key
 from dashcar.agent.sinks.runner import Runner
 from dashcar.agent.wal import Wal
@@ -283,3 +284,17 @@ def test_the_archive_is_configured_from_its_uri_and_endpoint() -> None:
             parse_uri(bad)
     with pytest.raises(ConfigError, match="archive_roll_bytes"):
         ArchiveSink(config.load({"DASHCAR_ARCHIVE_URI": "file:///x", "DASHCAR_ARCHIVE_ROLL_BYTES": str(20 << 20)}))
+
+
+def test_rows_no_object_can_hold_are_dead_lettered_and_the_rest_is_archived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive, "MAX_OBJECT_BYTES", 256 * 1024)
+    s = Setup(tmp_path, archive_roll_bytes=128 * 1024)
+    blob = base64.b64encode(os.urandom(400_000)).decode()
+    s.put((Kind.TRACK, Track("big", 1.0, {"blob": blob})), (Kind.TRACK, Track("small", 1.0, {"v": 1})))
+    s.drain()
+    assert s.sql("SELECT name, v FROM read_parquet('{root}/tracks/**/*.parquet')") == [("small", 1.0)]
+    lines = [json.loads(x) for x in (tmp_path / "deadletter" / "archive.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and "cannot be archived" in lines[0]["reason"] and lines[0]["item"]["topic"] == "big"
+    assert s.runner.status()["dead_letters_by_run"] == {str(tmp_path / "data" / "alice" / "robotics" / "pick-place"): 1}
