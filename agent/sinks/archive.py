@@ -22,6 +22,9 @@ Invariants
   the cursor deletes it. A send that finds a plan rebuilds its ranges first (same keys, same
   bytes: a retry or a replay after a crash overwrites, never duplicates); a plan range the
   new batches cannot rebuild (the cursor skipped into it) is deleted from the store first.
+- A run's state (prefix, counts, the types of its fields) is committed with the cursor and kept
+  after the run ends, so a run opened again continues its manifest and its types; only runs
+  still open are held in memory.
 - Every upload has the agent's deadline (``archive_timeout_s``). One that misses it is left to
   finish on its own thread and the send is retried; while it runs, nothing writes other bytes
   to its key (a stale manifest cannot land late) and nothing deletes it.

@@ -298,3 +298,17 @@ def test_rows_no_object_can_hold_are_dead_lettered_and_the_rest_is_archived(
     lines = [json.loads(x) for x in (tmp_path / "deadletter" / "archive.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and "cannot be archived" in lines[0]["reason"] and lines[0]["item"]["topic"] == "big"
     assert s.runner.status()["dead_letters_by_run"] == {str(tmp_path / "data" / "alice" / "robotics" / "pick-place"): 1}
+
+
+def test_a_remote_flush_sends_what_the_archive_holds_at_once(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.tracks("t", range(10))
+    assert not s.runner.step() and s.objects() == [], "held: 10 frames, the oldest younger than archive_roll_s"
+    thread = threading.Thread(target=s.runner.run)
+    thread.start()
+    try:
+        assert s.runner.wait_passed(s.core.out_seq, 20), "a flush waiting for the archive releases the hold"
+        assert s.sql("SELECT count(*) FROM read_parquet('{root}/tracks/**/*.parquet')") == [(10,)]
+    finally:
+        s.runner.stop()
+        thread.join(20)
