@@ -477,9 +477,8 @@ class Uploads:
             del self.abandoned[key]
 
     def running(self) -> int:
-        """Abandoned uploads still running."""
-        self._prune()
-        return len(self.abandoned)
+        """Abandoned uploads still running (safe from any thread: it changes nothing)."""
+        return sum(1 for t, _ in list(self.abandoned.values()) if t.is_alive())
 
     def busy(self, key: str, digest: bytes | None = None) -> bool:
         """True if an abandoned upload of ``key`` still runs (with other bytes than ``digest``, if given)."""
@@ -768,6 +767,8 @@ class ArchiveSink:
     def _objects(self, state: SinkState, g: _Group, lo: int, hi: int, parts: dict[str, int]) -> list[Obj]:
         import pyarrow as pa
 
+        if not g.rows:
+            return []
         run = self._run(state, g.run)
         kind = g.kind
         s = self._series(run, kind, g.name, g.folder) if kind in ("tracks", "metrics") else None
@@ -867,9 +868,8 @@ class ArchiveSink:
 
     def status(self) -> dict[str, Any]:
         """Where the archive goes, what it wrote, and uploads still running past their deadline."""
-        self.uploads._prune()
         return {"uri": self.target.describe(), "writer": self.writer, **self.counters,
-                "abandoned_uploads": len(self.uploads.abandoned), "planned_objects": sum(len(p[2]) for p in self.plan)}
+                "abandoned_uploads": self.uploads.running(), "planned_objects": sum(len(p[2]) for p in list(self.plan))}
 
 
 def _bound(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
