@@ -8,6 +8,7 @@ What the bucket holds is read back by DuckDB (httpfs), pandas and ``pyarrow.data
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -149,8 +150,10 @@ def proxy(moto: Moto) -> Iterator[Proxy]:
 
 
 def test_an_outage_mid_run_costs_jsonl_nothing_and_the_bucket_ends_with_every_frame_once(
-    agent_factory: Any, producers: Any, moto: Moto, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+    agent_factory: Any, producers: Any, moto: Moto, proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="werkzeug")
     bucket = "outage"
     client(moto.endpoint).create_bucket(Bucket=bucket)
     agent = archive_agent(agent_factory, monkeypatch, proxy.endpoint, bucket).start()
@@ -186,6 +189,9 @@ def test_an_outage_mid_run_costs_jsonl_nothing_and_the_bucket_ends_with_every_fr
     next_phase(proc, "done")
     assert remote_flush(agent, 60), f"archive caught up after the outage:\n{agent.log()[-3000:]}"
     doc = check_bucket(moto.endpoint, bucket, expected(n3), late=1)
+    requests = [r.getMessage() for r in caplog.records if r.name == "werkzeug"]
+    assert any(f"PUT /{bucket}/fleet/tracks/" in m for m in requests), "moto logs the requests it served"
+    assert not any('"POST ' in m or "partNumber=" in m for m in requests), "one PutObject per object, never a multipart upload"
     assert doc["complete"]
     wait_until(lambda: agent.status()["sinks"]["archive"]["lag"]["frames"] == 0, 20, "no archive lag left")
 
