@@ -372,7 +372,11 @@ def field_columns(
         arr, over = column(values, kind)
         out.append((col, arr))
         if over is not None:
-            out.append((col + OVERFLOW, over))
+            spill = col + OVERFLOW
+            while spill in taken or spill in names:
+                spill += "_"
+            taken.add(spill)
+            out.append((spill, over))
     return out
 
 
@@ -791,12 +795,13 @@ class ArchiveSink:
         else:
             cols += [("version", pa.array(g.head["version"], pa.int64())),
                      ("created_at", pa.array(g.head["created_at"], pa.string()))]
-        cols += field_columns(g.rows, types, RESERVED[kind])
         meta = {b"dashcar": orjson.dumps({"format": FORMAT, "writer": self.writer, "range": [lo, hi]})}
-        table = pa.table({name: arr for name, arr in cols}).replace_schema_metadata(meta)
         try:
+            cols += field_columns(g.rows, types, RESERVED[kind])
+            table = pa.table(dict(cols)).replace_schema_metadata(meta)
             blobs = split_encode(table, self.roll_rows, self.roll_bytes)
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+            # The same rows fail the same way on every retry: refused, so they never block the rest.
             self._refused.append(Rejected(f"{kind} of run {run['prefix']!r} cannot be archived: {exc}", g.items))
             return []
         where = f"run_dir={run['key']}" if s is None else f"run_dir={run['key']}/name_dir={series_key(kind, g.name)}"
