@@ -70,18 +70,24 @@ class AgentConfig:
     """``s3://bucket/prefix`` or ``file:///path``: every run also goes there as Parquet; empty: off."""
     archive_endpoint: str = ""
     """S3 endpoint for MinIO, Ceph, SeaweedFS (else ``AWS_ENDPOINT_URL``, else AWS)."""
-    archive_roll_rows: int = 100_000
+    archive_roll_rows: int = 20_000
     archive_roll_bytes: int = 8 << 20
     archive_roll_s: float = 60.0
-    """An archive object is written once it has this many rows, this many bytes, this age, or its run ended."""
+    """The archive writes objects once this many frames (rows) wait, an object would pass this many bytes,
+    the oldest waiting frame is this old, its run ended, or a flush asks; one send decodes at most this
+    many frames (about 1.3 KB each for a 6-DOF state), so rows also bound its memory."""
+    archive_timeout_s: float = 30.0
+    """An archive upload that takes longer is abandoned and retried (pyarrow's own stall timeouts run far longer)."""
 
     def sink_specs(self) -> list[str]:
-        """The sinks to run, in order, each once."""
+        """The sinks to run, in order, each once; ``archive`` too when ``archive_uri`` is set."""
         specs: list[str] = []
         for spec in self.sinks.split(","):
             spec = spec.strip()
             if spec and spec not in specs:
                 specs.append(spec)
+        if self.archive_uri and "archive" not in specs:
+            specs.append("archive")
         return specs
 
     def allowed_roots(self) -> tuple[str, ...]:

@@ -60,6 +60,8 @@ RECENT_BATCHES: Final = 2
 RECENT_BYTES: Final = 2 << 20
 """Stream batches kept decoded in memory (at most this many, of this packed size together), so
 sinks that keep up never unpack them; decoded, a batch takes several times its packed size."""
+READ_SLICE: Final = 64
+"""Stored stream batches read at a time when a sink asks for many (``batches``)."""
 WARN_INTERVAL_S: Final = 10.0
 ROOT_REFUSED: Final = "root"
 """Rejection reason of a frame whose data root the agent's ``data_roots`` does not allow."""
@@ -602,14 +604,19 @@ class Core:
             out.append(b)
             frames += b.frames
             seq += 1
-        if len(out) < limit and seq <= self.out_seq:
-            for s, raw in self.wal.read_out(seq - 1, limit - len(out)):
+        while len(out) < limit and seq <= self.out_seq:
+            # In slices: a sink that gathers many batches must not read far past its frame limit.
+            chunk = self.wal.read_out(seq - 1, min(READ_SLICE, limit - len(out)))
+            if not chunk:
+                break
+            for s, raw in chunk:
                 hit = self.recent.get(s)
                 b = hit if hit is not None else unpack(s, raw)
                 if out and frames + b.frames > max_frames:
-                    break
+                    return out
                 out.append(b if hit is not None else self.materialize(b))
                 frames += b.frames
+                seq = s + 1
         return out
 
     def summaries(self, after: int, limit: int) -> list[Summary]:

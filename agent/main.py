@@ -118,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import WALCorrupt
 
     try:
-        anyio.run(functools.partial(service.serve, cfg, sources=sources), backend="asyncio")
+        clean = anyio.run(functools.partial(service.serve, cfg, sources=sources), backend="asyncio")
     except (WALCorrupt, ConfigError) as exc:
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return STARTUP_FAILURE
     except KeyboardInterrupt:
-        pass
+        return OK
+    if not clean:
+        # A stalled upload's thread would hold the exit until the network gives up (a minute).
+        logging.shutdown()
+        os._exit(OK)
     return OK

@@ -536,11 +536,13 @@ async def _in_thread(done: anyio.Event, fn: Any) -> None:
 async def serve(
     cfg: AgentConfig, *, handle_signals: bool = True, sources: Mapping[str, str] | None = None,
     task_status: TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+) -> bool:
     """Run the agent until a stop signal or request; see the module docstring.
 
     ``task_status`` receives the running ``Agent`` once it is ready (tests run it in-process);
     ``sources`` says where each setting came from (shown by ``dashcar config show --running``).
+    Returns False when a sink left network calls running past their deadline: everything is
+    committed, and only an immediate exit (``os._exit``) ends them without waiting.
     """
     agent = Agent(cfg, sources)
     if cfg.metrics_address:
@@ -558,7 +560,12 @@ async def serve(
         log.critical("agent failed; exiting without cleanup", exc_info=True)
         os._exit(1)
     agent.close()
+    left = sum(getattr(s, "unfinished", lambda: 0)() for s in agent.sinks)
+    if left:
+        log.info("agent stopped; %d remote calls past their deadline are left to the exit (the next start redoes them)", left)
+        return False
     log.info("agent stopped")
+    return True
 
 
 async def _serve(agent: Agent, handle_signals: bool, task_status: TaskStatus[Agent]) -> None:

@@ -24,6 +24,7 @@ ingest then drops and counts) or let its cursor jump ahead (``skip``; counted pe
 
 REGISTRY: Final = {
     "jsonl": "dashcar.agent.sinks.jsonl:JsonlSink",
+    "archive": "dashcar.agent.sinks.archive:ArchiveSink",
 }
 """Sink names and where their class lives; a ``module:Class`` spec works for any other sink."""
 

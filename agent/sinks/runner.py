@@ -17,8 +17,10 @@ them in the same transaction as the state the sink staged while sending, so a cr
 
 A sink may ask for more (optional attributes, see ``sinks.Sink``): ``hold_frames``/``hold_s``
 make the runner gather batches until that many frames wait, the oldest has waited that long,
-a run ends or the agent stops (an archive rolls objects so); ``pending()`` has the runner call
-``send([])`` while no batch comes (a sink with retries of its own). A send that staged nothing
+a run ends, the agent stops or a flush waits for them (an archive rolls objects so), and
+``max_frames``/``max_batches`` bound one send (default 8192 frames, 64 batches); ``pending()`` has the runner call
+``send([])`` while no batch comes (a sink with retries of its own); ``interrupt()`` (a remote sink)
+is called when the agent stops, so a send waiting on the network gives up at once. A send that staged nothing
 is committed at most once a second: ``cursor`` is what was delivered, ``durable`` what a
 restart resumes after; retention follows ``durable``.
 """
@@ -116,6 +118,9 @@ class Runner:
         self.hold_frames: int = getattr(sink, "hold_frames", 0)
         self.hold_s: float = getattr(sink, "hold_s", 0.0)
         self.max_frames: int = getattr(sink, "max_frames", FRAMES_PER_SEND)
+        self.max_batches: int = getattr(sink, "max_batches", BATCHES_PER_SEND)
+        self._release = 0
+        """A flush waits for this stream batch: nothing up to it is held (``wait_passed``)."""
         self._pending: Callable[[], float | None] = getattr(sink, "pending", lambda: None)
         self._load()
 
@@ -171,12 +176,14 @@ class Runner:
             self._skip()
         if self._holding():
             return False
-        batches = self.core.batches(self.cursor, BATCHES_PER_SEND, self.max_frames)
+        batches = self.core.batches(self.cursor, self.max_batches, self.max_frames)
         return bool(batches) and self._deliver(batches)
 
     def _holding(self) -> bool:
         """True while the sink wants more batches before a send (``hold_frames``/``hold_s``)."""
         if not (self.hold_frames or self.hold_s) or self.stopping.is_set() or self.core.out_seq <= self.cursor:
+            return False
+        if self.cursor < self._release:
             return False
         if self.core.total_frames - self.passed_frames >= self.hold_frames > 0:
             return False
@@ -214,9 +221,12 @@ class Runner:
             self._committed_at = time.monotonic()
 
     def stop(self) -> None:
-        """Ask the thread to finish what the core has made and return."""
+        """Ask the thread to finish what the core has made and return (a remote stops waiting on the network)."""
         self.stopping.set()
         self._wake.set()
+        interrupt: Callable[[], None] | None = getattr(self.sink, "interrupt", None)
+        if interrupt is not None and not self.sink.barrier:
+            interrupt()
         with self.core.cond:
             self.core.cond.notify_all()
 
@@ -353,7 +363,11 @@ class Runner:
             return self.cond.wait_for(lambda: self.flushed.get(sid, 0) >= seq, timeout_s)
 
     def wait_passed(self, seq: int, timeout_s: float) -> bool:
-        """Block until this sink has committed stream batch ``seq``."""
+        """Block until this sink has committed stream batch ``seq``; a sink that holds batches sends them now."""
+        if seq > self._release and self.cursor < seq:
+            self._release = seq
+            with self.core.cond:
+                self.core.cond.notify_all()
         with self.cond:
             return self.cond.wait_for(lambda: self.cursor >= seq, timeout_s)
 
