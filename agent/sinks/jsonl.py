@@ -17,20 +17,28 @@ Invariants
   derived from the committed state, replaced atomically after each commit and on recovery.
 - A run's state is dropped one commit after its final ``RunItem``, so a crash in between
   rewrites its final files on recovery instead of leaving them stale.
+- Files (``FileItem``): the bytes land durably while the send runs, the index changes of
+  the send are applied once per run before the commit, under ML-Dash's lock, idempotent by
+  id (see ``agent/files.py`` for the order); an overwritten entry's directory is removed
+  after its path was committed as ``d:``, which recovery finishes. A file whose bytes could
+  not be had is counted in the run's counters (``files_lost``, ``files_lost_<reason>``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import layout, merge
+from dashcar.proto import stored_file_path
+
+from .. import files, layout, merge
 from ..book import iso
 from ..errors import SinkRetryable
-from ..stream import FlushedItem, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import FileItem, FlushedItem, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 
 if TYPE_CHECKING:
@@ -54,6 +62,11 @@ class _Send:
     files: set[str] = field(default_factory=set)
     final: set[str] = field(default_factory=set)
     redos: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    file_ops: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    """Per run, the index changes of this send, in order: ``("put", entry)``, ``("update", id, fields)``,
+    ``("delete", id, time)``."""
+    known: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Per run, the index entries by id: as on disk at the first file item, plus this send's puts."""
 
 
 class JsonlSink:
@@ -74,6 +87,8 @@ class JsonlSink:
         """Runs that keep no local files (every batch names them in its ``RunItem``)."""
         self._applied: list[str] = []
         self._paths: dict[tuple[str, str], str] = {}
+        self.files_stored = 0
+        self.files_lost = 0
 
     # ----------------------------------------------------------------- recovery
     def open(self, state: SinkState) -> None:
@@ -88,7 +103,11 @@ class JsonlSink:
             self._apply_redo(k[2:].decode(), pos, data)
         for path, fs in list(self.files.items()):
             self._truncate_to_committed(path, fs)
-        if redos:
+        removals = state.items(b"d:")
+        for k, run in removals:
+            self._finish_removal(k[2:].decode(), run)
+            state.delete(k)
+        if redos or removals:
             for k, _ in redos:
                 state.delete(k)
             state.commit()
@@ -111,6 +130,14 @@ class JsonlSink:
             fresh = self._load_file(path, fs["kind"], fs["run"], fs.get("topic"), fs.get("name"))
             fresh["folder"] = fs.get("folder", "metrics")
             self.files[path] = fresh
+
+    @staticmethod
+    def _finish_removal(d: str, run: str) -> None:
+        """Remove an overwritten file's id directory unless the index still holds that id (its
+        replacement never reached the index: the send is done again)."""
+        fid = os.path.basename(d)
+        if not any(e.get("id") == fid for e in files.read_index(run)):
+            shutil.rmtree(d, ignore_errors=True)
 
     def _apply_redo(self, path: str, pos: int, data: bytes) -> None:
         """Rewrite a file's tail from ``pos``; a file removed or cut short behind the agent is left
@@ -229,6 +256,8 @@ class JsonlSink:
                     self._params(item)
                 elif isinstance(item, MetaItem):
                     self._meta(item)
+                elif isinstance(item, FileItem):
+                    self._file_item(item)
         self._write(state)
         return []
 
@@ -271,6 +300,106 @@ class JsonlSink:
         line = layout.log_line
         self._append(lpath, fs, b"".join([line(i, e[0], e[1], e[2], e[3]) for i, e in enumerate(item.entries, item.first_seq)]))
         fs["n"] = max(fs["n"] + len(item.entries), item.first_seq + len(item.entries))
+
+    # -------------------------------------------------------------------- files
+    def _count_file(self, run: str, name: str, n: int = 1) -> None:
+        c = self.runs[run].setdefault("file_counters", {})
+        c[name] = c.get(name, 0) + n
+
+    def _known(self, run: str) -> dict[str, dict[str, Any]]:
+        known = self._send.known.get(run)
+        if known is None:
+            known = self._send.known[run] = {e["id"]: e for e in files.read_index(run) if isinstance(e.get("id"), str)}
+        return known
+
+    def _file_item(self, item: FileItem) -> None:
+        """Land a put's or copy's bytes now (durably); queue every index change for ``_write``."""
+        self._run(item.run)
+        ops = self._send.file_ops.setdefault(item.run, [])
+        if item.op == "update":
+            ops.append(("update", item.id, item.meta))
+            return
+        if item.op == "delete":
+            ops.append(("delete", item.id, item.meta["time"]))
+            return
+        known = self._known(item.run)
+        if item.id in known:
+            return
+        dest = stored_file_path(item.run, item.path, item.id, item.filename)
+        try:
+            if os.path.exists(dest):
+                stored = files.hash_file(dest)
+            elif item.op == "copy":
+                src = known.get(item.source[1])
+                if src is None or src.get("deletedAt") is not None:
+                    raise files.FileLost("no_source", f"file {item.source[1]} to duplicate is not in the run")
+                stored = files.store_copy(os.path.join(files.id_dir(item.run, src["path"], src["id"]), src["filename"]), dest)
+            elif item.source[0] == "inline":
+                stored = files.store_bytes(item.source[1], dest)
+            elif item.source[0] == "spool":
+                stored = files.store_spool(item.source[1], dest, item.meta.get("size"))
+            else:
+                stored = files.store_path(item.source, dest, item.pid)
+        except files.FileLost as lost:
+            self._count_file(item.run, "files_lost")
+            self._count_file(item.run, "files_lost_" + lost.reason)
+            self.files_lost += 1
+            log.warning("run=%s file=%s/%s id=%s lost reason=%s", item.run, item.path, item.filename, item.id, lost)
+            return
+        except OSError as exc:
+            raise SinkRetryable(f"storing file {dest} failed: {exc}") from exc
+        if stored.changed:
+            self._count_file(item.run, "files_changed_after_call")
+            log.warning("run=%s file=%s changed between the call and its copy; stored what was read", item.run, dest)
+        st = self.runs[item.run]
+        exp_id = files.experiment_id(st["prefix"], st["info"].get("project"))
+        entry = files.new_entry(item.id, exp_id, item.path, item.filename, item.meta, stored)
+        known[item.id] = entry
+        ops.append(("put", entry))
+
+    def _write_file_index(self, run: str, ops: list[tuple[Any, ...]], state: SinkState) -> list[str]:
+        """Apply one run's index changes under ML-Dash's lock; the overwritten id directories to remove."""
+        removed: list[str] = []
+        with files.locked_index(run) as entries:
+            changed = False
+            for op in ops:
+                ids = {e.get("id"): i for i, e in enumerate(entries)}
+                if op[0] == "put":
+                    entry = op[1]
+                    if entry["id"] in ids:
+                        continue
+                    i = files.live_entry(entries, entry["path"], entry["filename"])
+                    if i is None:
+                        entries.append(entry)
+                    else:
+                        old = entries[i]
+                        removed.append(files.id_dir(run, old["path"], old["id"]))
+                        entries[i] = entry
+                    self._count_file(run, "files_stored")
+                    self.files_stored += 1
+                    changed = True
+                    continue
+                i = ids.get(op[1])
+                if i is None or (op[0] == "update" and entries[i].get("deletedAt") is not None):
+                    self._count_file(run, "file_ops_no_target")
+                    log.warning("run=%s file %s of a %s is not in the run (or deleted)", run, op[1], op[0])
+                    continue
+                e = entries[i]
+                if op[0] == "update":
+                    for key in ("description", "tags", "metadata"):
+                        if key in op[2]:
+                            e[key] = op[2][key]
+                    e["updatedAt"] = iso(float(op[2]["time"]))
+                elif e.get("deletedAt") is None:
+                    e["deletedAt"] = e["updatedAt"] = iso(float(op[2]))
+                changed = True
+            if removed:
+                for d in removed:
+                    state.put(b"d:" + d.encode(), run)
+                state.commit()
+            if changed:
+                files.write_index(run, entries)
+        return removed
 
     def _track_path(self, run: str, topic: str) -> str:
         path = self._paths.get((run, topic))
@@ -338,6 +467,13 @@ class JsonlSink:
                 layout.fsync_dir(d)
         except OSError as exc:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
+        try:
+            for run, ops in snd.file_ops.items():
+                for d in self._write_file_index(run, ops, state):
+                    shutil.rmtree(d, ignore_errors=True)
+                    state.delete(b"d:" + d.encode())
+        except OSError as exc:
+            raise SinkRetryable(f"writing a file index failed: {exc}") from exc
         dropping = {p for p in self._drop_next if p not in snd.runs}
         for path in dropping:
             run = self.runs[path]
@@ -404,7 +540,7 @@ class JsonlSink:
                 "host": info.get("host"),
                 "pid": info.get("pid"),
                 "argv": info.get("argv"),
-                "counters": run["counters"],
+                "counters": {**run["counters"], **run.get("file_counters", {})},
             },
         }
         params = run.get("params")
@@ -459,4 +595,5 @@ class JsonlSink:
 
     def status(self) -> dict[str, Any]:
         """Files and runs the sink is tracking, and tail rewrites so far."""
-        return {"runs": len(self.runs), "files": len(self.files), "rewrites": self.rewrites}
+        return {"runs": len(self.runs), "files": len(self.files), "rewrites": self.rewrites, "files_stored": self.files_stored,
+                "files_lost": self.files_lost}
