@@ -83,25 +83,42 @@ _FILE_OPS: Final = {int(Kind.FILE_PUT): "put", int(Kind.FILE_COPY): "copy", int(
                     int(Kind.FILE_DELETE): "delete"}
 
 
-def _unlink(path: str) -> None:
+def _open_spool(spool: str) -> int:
+    """The spool dir ``<run>/files/.incoming``, opened without following a symlink at ``files`` or
+    ``.incoming`` (a planted link must not make the agent delete files elsewhere)."""
+    files_fd = os.open(os.path.dirname(spool), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.unlink(path)
+        return os.open(os.path.basename(spool), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=files_fd)
+    finally:
+        os.close(files_fd)
+
+
+def _unlink(path: str) -> None:
+    """Remove a spool file (the entry itself, never what a symlink points to)."""
+    try:
+        fd = _open_spool(os.path.dirname(path))
+    except OSError:
+        return
+    try:
+        os.unlink(os.path.basename(path), dir_fd=fd)
     except FileNotFoundError:
         pass
     except OSError as exc:
         log.warning("cannot remove spool file %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 def _sweep(spool: str, before: float, keep: set[str]) -> None:
     """Remove regular files older than ``before`` from a spool dir (not ``keep``), then the dir if empty."""
     try:
-        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = _open_spool(spool)
     except OSError:
         return
     try:
         for name in os.listdir(fd):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and st.st_mtime < before and os.path.join(spool, name) not in keep:
+            if not stat.S_ISDIR(st.st_mode) and st.st_mtime < before and os.path.join(spool, name) not in keep:
                 os.unlink(name, dir_fd=fd)
     except OSError as exc:
         log.warning("cannot sweep spool dir %s: %s", spool, exc)

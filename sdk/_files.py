@@ -561,8 +561,12 @@ class FileBuilder:
         return [e for e in doc if e.get("deletedAt") is None]
 
     def _lookup(self, path: str) -> dict[str, Any] | None:
+        """The live file at ``dir/name``, else the first with that bare name (ML-Dash takes the first of
+        either, so ``files("config.json")`` could find ``configs/config.json`` before the root's)."""
         want = path.lstrip("/")
-        return next((e for e in self._live() if _full_path(e) == want or e.get("filename") == want), None)
+        entries = self._live()
+        exact = next((e for e in entries if _full_path(e) == want), None)
+        return exact if exact is not None else next((e for e in entries if e.get("filename") == want), None)
 
     def _find(self) -> dict[str, Any]:
         if not self._path:
