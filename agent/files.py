@@ -31,6 +31,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Final, NamedTuple
 
 from dashcar.proto import FILES_INDEX, FILES_LOCK, files_dir, split_name
@@ -128,6 +129,21 @@ def locked_index(run: str) -> Iterator[list[dict[str, Any]]]:
 def write_index(run: str, entries: list[dict[str, Any]]) -> None:
     """Replace the index (call inside ``locked_index``): temporary file, fsync, rename, fsync the dir."""
     layout.write_atomic(index_path(run), layout.dumps({"files": entries}), durable=True)
+
+
+def _parse_iso(text: object) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.rstrip("Z"))
+    except ValueError:
+        return None
+
+
+def called_before(entry: dict[str, Any], other: dict[str, Any]) -> bool:
+    """True if ``entry`` comes from a call made before ``other``'s (by ``uploadedAt``; unknown: no)."""
+    a, b = _parse_iso(entry.get("uploadedAt")), _parse_iso(other.get("uploadedAt"))
+    return a is not None and b is not None and a < b
 
 
 def live_entry(entries: list[dict[str, Any]], path: str, filename: str) -> int | None:

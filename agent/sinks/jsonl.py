@@ -19,9 +19,12 @@ Invariants
   rewrites its final files on recovery instead of leaving them stale.
 - Files (``FileItem``): the bytes land durably while the send runs, the index changes of
   the send are applied once per run before the commit, under ML-Dash's lock, idempotent by
-  id (see ``agent/files.py`` for the order); an overwritten entry's directory is removed
-  after its path was committed as ``d:``, which recovery finishes. A file whose bytes could
-  not be had is counted in the run's counters (``files_lost``, ``files_lost_<reason>``).
+  id (see ``agent/files.py`` for the order). Before an entry is replaced (ML-Dash's
+  overwrite), ``o:<run>\0<old id>`` is committed with the old id directory: recovery removes
+  that directory, and a replayed put of an id that was replaced is skipped (the index no
+  longer holds it, and putting it again would undo the later file). These keys go with the
+  run's state. A file whose bytes could not be had is counted in the run's counters
+  (``files_lost``, ``files_lost_<reason>``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class _Send:
     """Per run, the index entries by id: as on disk at the first file item, plus this send's puts."""
 
 
+def _replaced_key(run: str, file_id: str) -> bytes:
+    return b"o:" + run.encode() + b"\0" + file_id.encode()
+
+
 class JsonlSink:
     """Writes the ML-Dash local layout; see the module docstring for invariants."""
 
@@ -89,6 +96,7 @@ class JsonlSink:
         self._paths: dict[tuple[str, str], str] = {}
         self.files_stored = 0
         self.files_lost = 0
+        self._state: SinkState | None = None
 
     # ----------------------------------------------------------------- recovery
     def open(self, state: SinkState) -> None:
@@ -103,11 +111,10 @@ class JsonlSink:
             self._apply_redo(k[2:].decode(), pos, data)
         for path, fs in list(self.files.items()):
             self._truncate_to_committed(path, fs)
-        removals = state.items(b"d:")
-        for k, run in removals:
-            self._finish_removal(k[2:].decode(), run)
-            state.delete(k)
-        if redos or removals:
+        for k, d in state.items(b"o:"):
+            self._finish_removal(d, k[2:].decode().split("\0", 1)[0])
+        self._state = state
+        if redos:
             for k, _ in redos:
                 state.delete(k)
             state.commit()
@@ -235,6 +242,7 @@ class JsonlSink:
     def send(self, batches: list[Batch], state: SinkState) -> list[Rejected]:
         """Apply every item to files (appends written and fsynced), and stage the state to commit."""
         self._send = _Send()
+        self._state = state
         remote_only = self._remote_only
         for batch in batches:
             for item in batch.items:
@@ -258,6 +266,9 @@ class JsonlSink:
                     self._meta(item)
                 elif isinstance(item, FileItem):
                     self._file_item(item)
+        for run in self._send.final:
+            if self.runs[run].get("pending_copies"):
+                self._lose_pending_copies(run)
         self._write(state)
         return []
 
@@ -323,7 +334,8 @@ class JsonlSink:
             ops.append(("delete", item.id, item.meta["time"]))
             return
         known = self._known(item.run)
-        if item.id in known:
+        if item.id in known or self._replaced(item.run, item.id):
+            self._count_file(item.run, "files_stored")
             return
         dest = stored_file_path(item.run, item.path, item.id, item.filename)
         try:
@@ -331,8 +343,12 @@ class JsonlSink:
                 stored = files.hash_file(dest)
             elif item.op == "copy":
                 src = known.get(item.source[1])
-                if src is None or src.get("deletedAt") is not None:
-                    raise files.FileLost("no_source", f"file {item.source[1]} to duplicate is not in the run")
+                if src is None:
+                    # Its put may still come: a frame re-sent after an agent restart lands after later ones.
+                    self.runs[item.run].setdefault("pending_copies", []).append(list(item))
+                    return
+                if src.get("deletedAt") is not None:
+                    raise files.FileLost("no_source", f"file {item.source[1]} to duplicate was deleted")
                 stored = files.store_copy(os.path.join(files.id_dir(item.run, src["path"], src["id"]), src["filename"]), dest)
             elif item.source[0] == "inline":
                 stored = files.store_bytes(item.source[1], dest)
@@ -356,7 +372,27 @@ class JsonlSink:
         entry = files.new_entry(item.id, exp_id, item.path, item.filename, item.meta, stored)
         known[item.id] = entry
         ops.append(("put", entry))
+        self._count_file(item.run, "files_stored")
+        self.files_stored += 1
+        st = self.runs[item.run]
+        waiting = [p for p in st.get("pending_copies", ()) if p[6][1] == item.id]
+        if waiting:
+            st["pending_copies"] = [p for p in st["pending_copies"] if p[6][1] != item.id]
+            for p in waiting:
+                self._file_item(FileItem(*p))
 
+    def _lose_pending_copies(self, run: str) -> None:
+        """At a run's end, copies whose source never came are lost."""
+        for p in self.runs[run].pop("pending_copies", None) or ():
+            self._count_file(run, "files_lost")
+            self._count_file(run, "files_lost_no_source")
+            self.files_lost += 1
+            log.warning("run=%s duplicate id=%s lost: file %s never came", run, p[3], p[6][1])
+
+    def _replaced(self, run: str, file_id: str) -> bool:
+        """True if a later file replaced ``file_id`` in the index (this is a replay of its put)."""
+        assert self._state is not None
+        return self._state.get(_replaced_key(run, file_id)) is not None
     def _write_file_index(self, run: str, ops: list[tuple[Any, ...]], state: SinkState) -> list[str]:
         """Apply one run's index changes under ML-Dash's lock; the overwritten id directories to remove."""
         removed: list[str] = []
@@ -371,12 +407,19 @@ class JsonlSink:
                     i = files.live_entry(entries, entry["path"], entry["filename"])
                     if i is None:
                         entries.append(entry)
+                    elif files.called_before(entry, entries[i]):
+                        # A later call's file holds the name already (this frame was re-sent after an
+                        # agent restart, and so came late): it was overwritten before it arrived.
+                        d = files.id_dir(run, entry["path"], entry["id"])
+                        removed.append(d)
+                        state.put(_replaced_key(run, entry["id"]), d)
+                        continue
                     else:
                         old = entries[i]
-                        removed.append(files.id_dir(run, old["path"], old["id"]))
+                        d = files.id_dir(run, old["path"], old["id"])
+                        removed.append(d)
+                        state.put(_replaced_key(run, old["id"]), d)
                         entries[i] = entry
-                    self._count_file(run, "files_stored")
-                    self.files_stored += 1
                     changed = True
                     continue
                 i = ids.get(op[1])
@@ -394,8 +437,6 @@ class JsonlSink:
                     e["deletedAt"] = e["updatedAt"] = iso(float(op[2]))
                 changed = True
             if removed:
-                for d in removed:
-                    state.put(b"d:" + d.encode(), run)
                 state.commit()
             if changed:
                 files.write_index(run, entries)
@@ -471,13 +512,14 @@ class JsonlSink:
             for run, ops in snd.file_ops.items():
                 for d in self._write_file_index(run, ops, state):
                     shutil.rmtree(d, ignore_errors=True)
-                    state.delete(b"d:" + d.encode())
         except OSError as exc:
             raise SinkRetryable(f"writing a file index failed: {exc}") from exc
         dropping = {p for p in self._drop_next if p not in snd.runs}
         for path in dropping:
             run = self.runs[path]
             state.delete(b"r:" + path.encode())
+            for k, _ in state.items(b"o:" + path.encode() + b"\0"):
+                state.delete(k)
             for fpath in run["files"]:
                 state.delete(b"f:" + fpath.encode())
         for path in self._applied:
