@@ -357,6 +357,10 @@ class JsonlSink:
             else:
                 stored = files.store_path(item.source, dest, item.pid)
         except files.FileLost as lost:
+            try:
+                os.rmdir(os.path.dirname(dest))
+            except OSError:
+                pass
             self._count_file(item.run, "files_lost")
             self._count_file(item.run, "files_lost_" + lost.reason)
             self.files_lost += 1

@@ -236,3 +236,38 @@ def test_params_land_within_a_merge_window_without_a_flush(agent_factory: Any) -
     wait_until(lambda: (read_json(exp.run_dir / "parameters.json") or {}).get("data", {}).get("lr") == 0.2, 20, "update")
     assert read_json(exp.run_dir / "experiment.json")["status"] == "running"
     exp.complete()
+
+
+def test_a_remote_only_run_keeps_no_local_files_and_its_spool_goes_once_passed(agent: AgentHandle) -> None:
+    """``RunItem.local`` false: the JSONL sink writes nothing; a spool file is released once every sink passed it."""
+    import msgpack
+    import zmq
+
+    from dashcar.proto import INGEST_SOCKET, PROTOCOL_VERSION, Kind
+
+    root, prefix = str(agent.data_dir), "alice/files/remote"
+    run = agent.data_dir / "alice" / "files" / "remote"
+    spool = run / "files" / ".incoming"
+    spool.mkdir(parents=True)
+    (spool / "7").write_bytes(b"s" * 100_000)
+
+    def frame(seq: int, kind: int, payload: object) -> bytes:
+        return msgpack.packb([PROTOCOL_VERSION, kind, 9, os.getpid(), root, prefix, seq, payload])
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(f"ipc://{agent.runtime_dir / INGEST_SOCKET}")
+    for raw in (
+        frame(1, Kind.RUN_OPEN, {"name": "remote", "local": False}),
+        frame(2, Kind.FILE_PUT, ["6", "/a", "inline.txt", ["inline", b"hi"], {"time": 1.0}]),
+        frame(3, Kind.FILE_PUT, ["7", "/a", "big.bin", ["spool", "7"], {"time": 1.0, "size": 100_000}]),
+        frame(4, Kind.RUN_CLOSE, ["completed", None, 0]),
+    ):
+        sock.send(raw)
+    sock.close()
+    ctx.term()
+    wait_until(lambda: agent.status()["frames"]["written"] >= 2 and not (spool / "7").exists(), 20, "spool released")
+    agent.flush()
+    assert not (run / "experiment.json").exists() and not (run / "files" / ".files_metadata.json").exists()
+    assert not [p for p in run.rglob("*") if p.is_file()], "no local file of a remote-only run"
