@@ -62,8 +62,8 @@ from ._names import file_dir_parts as file_dir_parts
 from ._names import files_dir as files_dir
 from ._names import metric_dir_parts as metric_dir_parts
 from ._names import run_dir as run_dir
-from ._names import spool_dir as spool_dir
 from ._names import split_name as split_name
+from ._names import spool_dir as spool_dir
 from ._names import stored_file_path as stored_file_path
 from ._names import track_dir_name as track_dir_name
 from ._ndarray import NDARRAY_MIN_SIZE as NDARRAY_MIN_SIZE

@@ -19,8 +19,10 @@ what this thread sent, then read the index ML-Dash reads.
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -127,7 +129,7 @@ class FilesAccessor:
         self._sent: set[str] = set()
         """Ids this process sent (a ``duplicate`` of one of them needs no look-up)."""
 
-    def __call__(self, dir: str | None = None, **options: Any) -> FileBuilder:  # noqa: A002 - ML-Dash's name
+    def __call__(self, dir: str | None = None, **options: Any) -> FileBuilder:
         """A builder for directory ``dir`` (or a file path, for ``download``/``exists``/``delete``)."""
         return FileBuilder(self, dir, **options)
 
@@ -202,8 +204,8 @@ class FileBuilder:
         prefix = options.get("prefix")
         self._base = file_dir(self._path if self._path else (prefix or "/"))
         self._description: str | None = options.get("description")
-        self._tags: list[str] | None = options.get("tags")
-        self._bindrs: list[str] = list(options.get("bindrs") or [])
+        self._tags: builtins.list[str] | None = options.get("tags")
+        self._bindrs: builtins.list[str] = list(options.get("bindrs") or [])
         self._metadata: dict[str, Any] | None = options.get("metadata")
         self._file_id: str | None = options.get("file_id")
         self._file_path: str | None = options.get("file_path")
@@ -212,7 +214,7 @@ class FileBuilder:
     # ------------------------------------------------------------------ writing
     def upload(
         self, fpath: str | os.PathLike[str], *, to: str | None = None, description: str | None = None,
-        tags: list[str] | None = None, metadata: dict[str, Any] | None = None, copy: bool = False,
+        tags: builtins.list[str] | None = None, metadata: dict[str, Any] | None = None, copy: bool = False,
     ) -> dict[str, Any]:
         """Upload an existing file (named ``to``, which may hold a directory, or its own name).
 
@@ -249,8 +251,8 @@ class FileBuilder:
         return self._put(file_id, path, name, source, meta, st.st_size)
 
     def save(
-        self, content: Any = None, *, to: str | None = None, description: str | None = None, tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
+        self, content: Any = None, *, to: str | None = None, description: str | None = None,
+        tags: builtins.list[str] | None = None, metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Save by type: an existing path uploads, bytes → ``save_blob``, dict/list → ``save_json``, an array → ``save_image``."""
         if description is not None:
@@ -265,8 +267,12 @@ class FileBuilder:
             content = self._file_path
         if isinstance(content, (str, os.PathLike)) and Path(content).exists():
             return self.upload(content, to=to)
-        kind = {bytes: "bytes", bytearray: "bytes", dict: "dict/list", list: "dict/list"}.get(type(content))
-        if kind is None and type(content).__name__ == "ndarray" and type(content).__module__ == "numpy":
+        kind: str | None = None
+        if isinstance(content, (bytes, bytearray)):
+            kind = "bytes"
+        elif isinstance(content, (dict, builtins.list)):
+            kind = "dict/list"
+        elif type(content).__name__ == "ndarray" and type(content).__module__ == "numpy":
             kind = "numpy arrays"
         if kind is None:
             raise ValueError(f"Unsupported content type: {type(content)}. Expected str (file path), bytes, dict, list, "
@@ -302,7 +308,7 @@ class FileBuilder:
     def save_torch(self, model: Any, *, to: str) -> dict[str, Any]:
         """``torch.save(model)`` (a model or a state dict) as ``to``, written straight into the spool."""
         try:
-            import torch
+            torch = importlib.import_module("torch")
         except ImportError:
             raise ImportError("save_torch needs PyTorch: pip install torch") from None
         return self._save_with(lambda path: torch.save(model, path), to)
@@ -384,9 +390,9 @@ class FileBuilder:
             raise ValueError("source must be a file ID (str) or metadata dict with 'id' key")
         if not source_id:
             raise ValueError("Invalid source: file ID is empty")
-        found = source if isinstance(source, dict) else {}
+        found: dict[str, Any] = source if isinstance(source, dict) else {}
         if source_id not in self._files._sent:
-            found = next((e for e in self._live() if e.get("id") == source_id), None) or {}
+            found = next((e for e in self._live() if e.get("id") == source_id), {})
             if not found:
                 raise FileNotFoundError(f"File {source_id} not found")
         path, name = split_to("/", to)
@@ -416,7 +422,7 @@ class FileBuilder:
         self._exp._emit(Kind.FILE_UPDATE, [self._file_id, fields, now])
         return {**entry, **fields, "updatedAt": _iso(now)}
 
-    def delete(self, pattern: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    def delete(self, pattern: str | None = None) -> dict[str, Any] | builtins.list[dict[str, Any]]:
         """Soft-delete this file (by path or ``file_id``), or every match of ``pattern`` in this directory."""
         if self._file_id:
             if not any(e.get("id") == self._file_id for e in self._live()):
@@ -430,7 +436,7 @@ class FileBuilder:
         return self._delete(self._find()["id"])
 
     # ------------------------------------------------------------------ reading
-    def list(self, pattern: str | None = None) -> list[dict[str, Any]]:
+    def list(self, pattern: str | None = None) -> builtins.list[dict[str, Any]]:
         """Live files under this directory (whole path parts: ``files("model")`` does not list ``/models``),
         optionally those whose name or ``dir/name`` matches ``pattern``; tags given to ``files()`` filter too."""
         files = self._live()
@@ -446,7 +452,7 @@ class FileBuilder:
                      or fnmatch.fnmatch(_full_path(f), pattern)]
         return files
 
-    def download(self, pattern: str | None = None, *, to: str | os.PathLike[str] | None = None) -> str | list[str]:
+    def download(self, pattern: str | None = None, *, to: str | os.PathLike[str] | None = None) -> str | builtins.list[str]:
         """Copy this file (or every match of ``pattern``, into directory ``to``) out of the run, checksum verified."""
         if self._file_id:
             entry = next((e for e in self._live() if e.get("id") == self._file_id), None)
@@ -479,7 +485,7 @@ class FileBuilder:
         return data.decode(encoding)
 
     # ---------------------------------------------------------------- internals
-    def _meta(self, description: str | None, tags: list[str] | None, metadata: dict[str, Any] | None,
+    def _meta(self, description: str | None, tags: builtins.list[str] | None, metadata: dict[str, Any] | None,
               ctype: str) -> dict[str, Any]:
         return {
             "time": time.time(),
@@ -495,12 +501,13 @@ class FileBuilder:
         at = _iso(meta["time"])
         return {
             "id": file_id, "experimentId": f"{split_prefix(prefix)[1]}/{prefix}", "path": path, "filename": name,
-            "description": meta["description"], "tags": meta["tags"], "bindrs": meta["bindrs"], "contentType": meta["content_type"],
+            "description": meta["description"], "tags": meta["tags"], "bindrs": meta["bindrs"],
+            "contentType": meta["content_type"],
             "sizeBytes": size, "checksum": None, "metadata": meta["metadata"], "uploadedAt": at, "updatedAt": at,
             "deletedAt": None, "status": "queued",
         }
 
-    def _put(self, file_id: str, path: str, name: str, source: list[Any], meta: dict[str, Any], size: int,
+    def _put(self, file_id: str, path: str, name: str, source: builtins.list[Any], meta: dict[str, Any], size: int,
              spool: str | None = None) -> dict[str, Any]:
         meta["size"] = size
         entry = self._entry(file_id, path, name, meta, size)
@@ -554,7 +561,7 @@ class FileBuilder:
         self._exp._emit(Kind.FILE_DELETE, [file_id, now])
         return {"id": file_id, "deletedAt": _iso(now)}
 
-    def _live(self) -> list[dict[str, Any]]:
+    def _live(self) -> builtins.list[dict[str, Any]]:
         """The run's live index entries, after the agent wrote what this thread sent."""
         self._exp._barrier()
         doc = _read_index(self._exp.run_dir)

@@ -513,8 +513,8 @@ class JsonlSink:
         except OSError as exc:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
         try:
-            for run, ops in snd.file_ops.items():
-                for d in self._write_file_index(run, ops, state):
+            for frun, ops in snd.file_ops.items():
+                for d in self._write_file_index(frun, ops, state):
                     shutil.rmtree(d, ignore_errors=True)
         except OSError as exc:
             raise SinkRetryable(f"writing a file index failed: {exc}") from exc

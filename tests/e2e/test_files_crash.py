@@ -64,7 +64,7 @@ def test_files_land_exactly_once_across_agent_kills(agent_factory: Any, producer
         agent.kill()
         kills += 1
         agent.start()
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert kills == N // KILL_EVERY - 1, "the agent was killed while files landed"
     run = agent.data_dir / "crash" / "files" / "run"

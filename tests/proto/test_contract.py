@@ -13,7 +13,8 @@ from dashcar.agent import errors as agent_errors
 from dashcar.proto import DashcarError, InvalidName, _errors
 
 DASHCAR_API = [
-    "RUN", "BufferManager", "ConfigError", "DashcarError", "Experiment", "FileBuilder", "FilesAccessor", "InvalidName", "LogBuilder", "MetricBuilder",
+    "RUN", "BufferManager", "ConfigError", "DashcarError", "Experiment", "FileBuilder", "FilesAccessor", "InvalidName",
+    "LogBuilder", "MetricBuilder",
     "MetricsManager", "ParametersBuilder", "ParamsBuilder", "RunConfig", "RunContext", "Series", "Session",
     "SummaryCache", "TrackBuilder", "TrackSlice", "TracksManager", "__version__", "dashcar_experiment",
     "ml_dash_experiment",

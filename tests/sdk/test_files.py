@@ -82,14 +82,16 @@ def test_the_documented_file_examples(agent: AgentHandle, tmp_path: Path, monkey
         dxp.files.upload("./model.pt", to="best.pt", description="Best model")
         for i in range(3):
             dxp.files("images").upload(f"img{i}.png")
+        assert dxp.files("checkpoints/epoch_10.pt").download(to="dl.pt") == "dl.pt"
         result = dxp.files(
-            file_id=dxp.files("checkpoints/epoch_10.pt").download(to="dl.pt") and live(dxp.run_dir)["checkpoints/epoch_10.pt"]["id"],
+            file_id=live(dxp.run_dir)["checkpoints/epoch_10.pt"]["id"],
             description="Updated description", tags=["new", "tags"], metadata={"updated": True},
         ).update()
         assert result["description"] == "Updated description"
         assert [f["filename"] for f in dxp.files("images").list("*.png")] == ["img0.png", "img1.png", "img2.png"]
         assert len(dxp.files(dir="models").list()) == 2 and len(dxp.files().list()) == 12
-        assert Path(dxp.files("configs/config.json").download()).read_text() == '{\n  "lr": 0.001\n}'
+        assert dxp.files("configs/config.json").download() == "config.json"
+        assert Path("config.json").read_text() == '{\n  "lr": 0.001\n}'
         paths = dxp.files("images").download("*.png", to="./local_images")
         assert sorted(Path(p).read_bytes() for p in paths) == [bytes([i]) * 100 for i in range(3)]
         assert dxp.files.download("images/*.png", to="local_images2") and len(os.listdir("local_images2")) == 3
