@@ -82,17 +82,25 @@ def split_to(base: str, to: str) -> tuple[str, str]:
     return path, name
 
 
-def _clone(src: str, dst: str) -> bool:
+_no_clone: set[tuple[int, int]] = set()
+"""(source device, spool device) pairs where cloning failed: not tried again in this process."""
+
+
+def _clone(src: str, dst: str, src_dev: int) -> bool:
     """A copy-on-write clone of ``src`` as ``dst`` (constant time), if the file system can."""
     import fcntl
 
     try:
+        dst_dev = os.stat(os.path.dirname(dst)).st_dev
+        if (src_dev, dst_dev) in _no_clone:
+            return False
         with open(src, "rb") as s, open(dst, "xb") as d:
             try:
                 fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
                 return True
             except OSError:
-                pass
+                if len(_no_clone) < 1024:
+                    _no_clone.add((src_dev, dst_dev))
         os.unlink(dst)
     except OSError:
         pass
@@ -244,7 +252,7 @@ class FileBuilder:
         if copy:
             shutil.copyfile(src, spool)
             return self._put(file_id, path, name, ["spool", file_id], meta, os.path.getsize(spool), spool)
-        if _clone(src, spool):
+        if _clone(src, spool, st.st_dev):
             return self._put(file_id, path, name, ["spool", file_id], meta, os.path.getsize(spool), spool)
         absolute = os.path.abspath(src)
         source = ["path", absolute, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
