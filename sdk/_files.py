@@ -20,13 +20,8 @@ what this thread sent, then read the index ML-Dash reads.
 from __future__ import annotations
 
 import builtins
-import fnmatch
-import hashlib
 import importlib
-import io
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +59,8 @@ def content_type(name: str) -> str:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file, lowercase hex (ML-Dash's ``checksum``)."""
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -250,6 +247,8 @@ class FileBuilder:
                 return self._put(file_id, path, name, ["inline", data], meta, len(data))
         spool = self._spool_path(file_id)
         if copy:
+            import shutil
+
             shutil.copyfile(src, spool)
             return self._put(file_id, path, name, ["spool", file_id], meta, os.path.getsize(spool), spool)
         if _clone(src, spool, st.st_dev):
@@ -295,6 +294,8 @@ class FileBuilder:
 
     def save_json(self, content: Any, *, to: str) -> dict[str, Any]:
         """``json.dump(content, indent=2)`` as ``to``."""
+        import json
+
         return self._save_bytes(json.dumps(content, indent=2).encode(), to)
 
     def save_text(self, content: str, *, to: str) -> dict[str, Any]:
@@ -346,6 +347,8 @@ class FileBuilder:
             elif img.mode not in ("RGB", "L"):
                 img = img.convert("RGB")
             kwargs = {"quality": quality, "optimize": True}
+        import io
+
         image_format = Image.registered_extensions().get(ext)
         if image_format is None:
             raise ValueError(f"save_image: unknown image extension {ext!r} in {to!r}; use .png, .jpg, ...")
@@ -364,6 +367,8 @@ class FileBuilder:
         ext = os.path.splitext(to)[1].lstrip(".").lower()
         if ext and "format" not in savefig_kwargs:
             savefig_kwargs["format"] = ext
+        import io
+
         buf = io.BytesIO()
         fig.savefig(buf, **savefig_kwargs)
         plt.close(fig)
@@ -455,6 +460,8 @@ class FileBuilder:
             wanted = set(self._tags)
             files = [f for f in files if wanted.intersection(f.get("tags") or [])]
         if pattern:
+            import fnmatch
+
             pattern = pattern.lstrip("/")
             files = [f for f in files if fnmatch.fnmatch(f.get("filename", ""), pattern)
                      or fnmatch.fnmatch(_full_path(f), pattern)]
@@ -486,6 +493,8 @@ class FileBuilder:
         """This file's content as text (checksum verified)."""
         if not self._path:
             raise ValueError("No file path specified. Use: experiment.files('path/to/file').read_text()")
+        import hashlib
+
         entry = self._find()
         data = self._stored(entry).read_bytes()
         if entry.get("checksum") and hashlib.sha256(data).hexdigest() != entry["checksum"]:
@@ -595,6 +604,8 @@ class FileBuilder:
         return self._exp.run_dir.joinpath("files", *file_dir_parts(entry.get("path", "/")), entry["id"], entry["filename"])
 
     def _copy_out(self, entry: dict[str, Any], to: str | os.PathLike[str] | None) -> str:
+        import shutil
+
         dest = os.fspath(to) if to is not None else entry["filename"]
         shutil.copy2(self._stored(entry), dest)
         if entry.get("checksum") and sha256_file(dest) != entry["checksum"]:
@@ -611,6 +622,8 @@ def _full_path(entry: dict[str, Any]) -> str:
 
 
 def _read_index(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
     try:
         with open(run_dir / "files" / FILES_INDEX, encoding="utf-8") as f:
             doc = json.load(f)
