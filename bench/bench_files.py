@@ -26,7 +26,6 @@ def main() -> None:
     with Agent("--merge-window-s", "0.2") as agent:
         os.environ.update(agent.env)
         import dashcar
-        from dashcar import _files
 
         exp = dashcar.Experiment(prefix="bench/files/run", dash_root=agent.data_dir, echo_logs=False).start()
         work = tempfile.mkdtemp(prefix="dcbf-")
@@ -62,8 +61,7 @@ def main() -> None:
             with open(os.path.join(spool, str(i)), "xb") as f:
                 f.write(data)
             raw_spool.append(time.perf_counter_ns() - t)
-        emit("files_raw_64k", {"pack_and_send_p50_us": _median_us(raw_send), "spool_write_p50_us": _median_us(raw_spool),
-                               "content_type_first_call": _files.DEFAULT_CONTENT_TYPE != ""})
+        emit("files_raw_64k", {"pack_and_send_p50_us": _median_us(raw_send), "spool_write_p50_us": _median_us(raw_spool)})
         exp.complete()
 
 
