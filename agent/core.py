@@ -18,19 +18,24 @@ Invariants
   ``RunItem`` goes out and the run leaves memory. Its state stays stored (``r:``), so a run
   reopened later continues its indexes; the newest ``MAX_CLOSED_RUNS`` are kept. A run the
   core never met is seeded from its local files, if any (a run ML-Dash or an older agent wrote).
+- File frames become ``FileItem``s in frame order. A spool file a batch names is the agent's:
+  the batch's ``s:`` entry (committed with it) lists it, and it is deleted once every sink has
+  passed that batch; a run's final batch also sweeps its spool dir of files no frame named
+  (a producer that died between writing one and sending its frame).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
-from dashcar.proto import Kind, ProtocolError, check_record, frame_count, run_dir
+from dashcar.proto import Kind, ProtocolError, check_record, file_dir, frame_count, run_dir, spool_dir
 
 from . import layout, merge
 from .book import Book, Producer, Run, iso
@@ -38,6 +43,7 @@ from .config import root_allowed
 from .errors import WALFull
 from .stream import (
     Batch,
+    FileItem,
     FlushedItem,
     Item,
     ItemKind,
@@ -75,6 +81,55 @@ _RUN_OPEN: Final = int(Kind.RUN_OPEN)
 _FLUSH: Final = int(Kind.FLUSH)
 _RUN_CLOSE: Final = int(Kind.RUN_CLOSE)
 _GONE: Final = int(Kind.PRODUCER_GONE)
+_FILE_OPS: Final = {int(Kind.FILE_PUT): "put", int(Kind.FILE_COPY): "copy", int(Kind.FILE_UPDATE): "update",
+                    int(Kind.FILE_DELETE): "delete"}
+
+
+def _open_spool(spool: str) -> int:
+    """The spool dir ``<run>/files/.incoming``, opened without following a symlink at ``files`` or
+    ``.incoming`` (a planted link must not make the agent delete files elsewhere)."""
+    files_fd = os.open(os.path.dirname(spool), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        return os.open(os.path.basename(spool), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=files_fd)
+    finally:
+        os.close(files_fd)
+
+
+def _unlink(path: str) -> None:
+    """Remove a spool file (the entry itself, never what a symlink points to)."""
+    try:
+        fd = _open_spool(os.path.dirname(path))
+    except OSError:
+        return
+    try:
+        os.unlink(os.path.basename(path), dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove spool file %s: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
+def _sweep(spool: str, before: float, keep: set[str]) -> None:
+    """Remove regular files older than ``before`` from a spool dir (not ``keep``), then the dir if empty."""
+    try:
+        fd = _open_spool(spool)
+    except OSError:
+        return
+    try:
+        for name in os.listdir(fd):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) and st.st_mtime < before and os.path.join(spool, name) not in keep:
+                os.unlink(name, dir_fd=fd)
+    except OSError as exc:
+        log.warning("cannot sweep spool dir %s: %s", spool, exc)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(spool)
+    except OSError:
+        pass
 
 
 def _topic_key(run: str, topic: str) -> bytes:
@@ -84,7 +139,7 @@ def _topic_key(run: str, topic: str) -> bytes:
 class _Step:
     """What one step gathered, by kind, before it becomes stream items."""
 
-    __slots__ = ("tracks", "points", "logs", "params", "metas", "opens", "acks", "frames", "runs", "data", "topics")
+    __slots__ = ("tracks", "points", "logs", "params", "metas", "files", "opens", "acks", "frames", "runs", "data", "topics")
 
     def __init__(self) -> None:
         self.tracks: dict[tuple[str, str], list[tuple[float, dict[str, Any], int]] | None] = {}
@@ -92,6 +147,7 @@ class _Step:
         self.logs: dict[str, list[list[Any]]] = {}
         self.params: dict[str, dict[str, Any]] = {}
         self.metas: list[MetaItem] = []
+        self.files: list[FileItem] = []
         self.opens: set[str] = set()
         self.acks: dict[int, int] = {}
         self.frames = 0
@@ -145,6 +201,9 @@ class Core:
         self.full = False
         self._paths: dict[tuple[str, str], str] = {}
         self._warned: dict[str, float] = {}
+        self.spools: dict[int, list[list[Any]]] = {}
+        """Per stream batch, the spool files it named (``["file", path]``) and the spool dirs of
+        runs it closed (``["sweep", dir, time]``): released once every sink has passed it."""
 
     # ----------------------------------------------------------------- recovery
     def recover(self) -> None:
@@ -172,6 +231,7 @@ class Core:
                 book.runs[path] = Run.from_state(path, v)
         self.book = book
         self.rows = merge.OpenRows(self.rows.window_s, self.rows.max_rows)
+        self.spools = {int.from_bytes(k[2:], "big"): v for k, v in wal.core_items(b"s:")}
         self._replay_open_rows(refs)
         self.recovered = True
 
@@ -328,6 +388,8 @@ class Core:
                     book.count(book.runs[tkey[0]], "clashes", clashes)
         rows_items = self._settle(s, settle_all)
         if not records and not rows_items and not s.acks and not book.dirty_runs:
+            if self.spools and min(self.spools) <= self._out_upto():
+                self.wal.commit_core(None, {}, self._release_spools(), out_upto=self._out_upto())
             return None
         return self._emit(s, rows_items)
 
@@ -409,6 +471,24 @@ class Core:
         elif kind == _RUN_OPEN:
             book.open_run(sid, run, p)
             s.opens.add(path)
+        elif kind in _FILE_OPS:
+            s.files.append(self._file_item(path, _FILE_OPS[kind], p, pid))
+            book.count(run, "files")
+
+    @staticmethod
+    def _file_item(run: str, op: str, p: list[Any], pid: int) -> FileItem:
+        """The stream item of a checked file frame; a spool name becomes its path in the run's spool dir."""
+        if op == "put":
+            file_id, path, filename, source, meta = p
+            if source[0] == "spool":
+                source = ["spool", os.path.join(spool_dir(run), source[1])]
+            return FileItem(ItemKind.FILE, run, op, file_id, file_dir(path), filename, source, meta, pid)
+        if op == "copy":
+            file_id, source_id, path, filename, meta = p
+            return FileItem(ItemKind.FILE, run, op, file_id, file_dir(path), filename, ["file", source_id], meta, pid)
+        if op == "update":
+            return FileItem(ItemKind.FILE, run, op, p[0], "", "", [], {**p[1], "time": p[2]}, pid)
+        return FileItem(ItemKind.FILE, run, op, p[0], "", "", [], {"time": p[1]}, pid)
 
     def _settle(self, s: _Step, settle_all: bool) -> list[RowsItem]:
         """Settle every due topic; the rows items, in topic order."""
@@ -451,6 +531,7 @@ class Core:
             first = book.next_log_seqs(run, len(entries))
             book.count(run, "logs", len(entries))
             body.append(LogsItem(ItemKind.LOGS, path, first, entries))
+        body.extend(s.files)
         for path, n in s.data.items():
             book.count(book.runs[path], "frames", n)
         final: list[str] = []
@@ -527,12 +608,37 @@ class Core:
                 deletes.add(_topic_key(*tkey))
             else:
                 puts[_topic_key(*tkey)] = refs
+        spools: list[list[Any]] = [["file", f.source[1]] for f in s.files if f.op == "put" and f.source[0] == "spool"]
+        spools += [["sweep", spool_dir(path), self.wall()] for path in final]
+        if spools:
+            self.spools[batch.seq] = spools
+            puts[b"s:" + key(batch.seq)] = spools
+        if self.spools and min(self.spools) <= self._out_upto():
+            deletes.update(self._release_spools())
         evicted = self._evicted_runs(deletes)
         deletes.update(b"r:" + p.encode() for p in evicted)
         self.wal.commit_core((batch.seq, packed), puts, deletes, wal_upto=self._wal_upto(batch), out_upto=self._out_upto())
         book.dirty_runs.clear()
         book.dirty_producers.clear()
         book.forgotten_producers.clear()
+
+    def _release_spools(self) -> list[bytes]:
+        """Delete the spool files of every batch all sinks passed; the ``s:`` keys to delete.
+
+        A sweep removes the files of a closed run's spool dir that no batch still waiting
+        names and that are older than the run's end (a file the run, reopened, wrote since
+        is kept), then the dir itself if it is empty. Files only, never a directory's content.
+        """
+        passed = self._out_upto()
+        done = sorted(seq for seq in self.spools if seq <= passed)
+        waiting = {e[1] for seq, es in self.spools.items() if seq > passed for e in es if e[0] == "file"}
+        for seq in done:
+            for entry in self.spools.pop(seq):
+                if entry[0] == "file":
+                    _unlink(entry[1])
+                else:
+                    _sweep(entry[1], entry[2], waiting)
+        return [b"s:" + key(seq) for seq in done]
 
     def _evicted_runs(self, deletes: set[bytes]) -> list[str]:
         """Closed runs past the newest ``MAX_CLOSED_RUNS`` whose ``z:`` entry goes now."""

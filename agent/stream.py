@@ -6,6 +6,7 @@ changes and the rows that settled, as a list of items in a fixed order
 1. ``RunItem`` for every run the step touched (its state at the end of the step; ``final``
    once the run is closed and nothing of it is left to settle),
 2. ``ParamsItem``, ``MetaItem``, ``PointsItem``, ``LogsItem`` in the order their frames came,
+   then ``FileItem`` (one per file frame, in frame order),
 3. ``RowsItem`` for every topic whose rows settled (sorted by timestamp, one per timestamp;
    ``late`` when a row's timestamp was settled before: a correction to merge),
 4. ``FlushedItem`` for every producer barrier the step passed.
@@ -34,6 +35,7 @@ class ItemKind(enum.IntEnum):
     LOGS = 5
     ROWS = 6
     FLUSHED = 7
+    FILE = 8
 
 
 class RunItem(NamedTuple):
@@ -118,6 +120,30 @@ class RowsItem(NamedTuple):
     rows: list[dict[str, Any]] | None = None
 
 
+class FileItem(NamedTuple):
+    """One file operation of a run (``op``: ``put``, ``copy``, ``update``, ``delete``), in frame order.
+
+    ``put``: ``source`` is ``["inline", bytes]``, ``["spool", abspath]`` (a file in the run's
+    spool dir; the core deletes it once every sink has passed this batch) or ``["path",
+    abspath, size, mtime_ns, ino, dev]`` (the caller's file and its stat at the call; only read,
+    never moved). ``copy``: ``["file", source_id]``. ``meta``: ``time`` (the call) and the
+    ML-Dash fields (``description``, ``tags``, ``bindrs``, ``metadata``, ``content_type``,
+    ``size``); for ``update`` the fields to replace. A local run stores it at
+    ``proto.stored_file_path(run, path, id, filename)``. ``pid``: the producer (whose user may
+    read a ``path`` source).
+    """
+
+    kind: int
+    run: str
+    op: str
+    id: str
+    path: str
+    filename: str
+    source: list[Any]
+    meta: dict[str, Any]
+    pid: int
+
+
 class FlushedItem(NamedTuple):
     """Producer ``sid``'s barrier ``seq``: everything it sent before is in this batch or earlier."""
 
@@ -126,8 +152,9 @@ class FlushedItem(NamedTuple):
     seq: int
 
 
-Item = RunItem | ParamsItem | MetaItem | PointsItem | LogsItem | RowsItem | FlushedItem
+Item = RunItem | ParamsItem | MetaItem | PointsItem | LogsItem | RowsItem | FileItem | FlushedItem
 _TYPES: dict[int, Any] = {
+    ItemKind.FILE: FileItem,
     ItemKind.RUN: RunItem,
     ItemKind.PARAMS: ParamsItem,
     ItemKind.META: MetaItem,

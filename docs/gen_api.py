@@ -14,7 +14,7 @@ OUT = Path(__file__).with_name("api.md")
 NOTES = Path(__file__).with_name("mldash-compat.md")
 """The hand-written part: what changes, and what deliberately differs, coming from ML-Dash 0.11."""
 ORDER = ["Experiment", "RunContext", "RunConfig", "ParamsBuilder", "MetricsManager", "Series", "SummaryCache",
-         "BufferManager", "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "Session"]
+         "BufferManager", "TracksManager", "TrackBuilder", "TrackSlice", "LogBuilder", "FilesAccessor", "FileBuilder", "Session"]
 FUNCTIONS = ["dashcar_experiment"]
 MODULES = ["dashcar.auto_start", "dashcar.run", "dashcar.params"]
 

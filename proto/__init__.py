@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._constants import ACKS_SOCKET as ACKS_SOCKET
 from ._constants import AGENT_LOCK as AGENT_LOCK
 from ._constants import CONTROL_SOCKET as CONTROL_SOCKET
+from ._constants import FILE_INLINE_MAX_BYTES as FILE_INLINE_MAX_BYTES
 from ._constants import HELLO_TOPIC as HELLO_TOPIC
 from ._constants import INGEST_SOCKET as INGEST_SOCKET
 from ._constants import LOG_LEVELS as LOG_LEVELS
@@ -20,6 +21,10 @@ from ._errors import InvalidName as InvalidName
 from ._errors import ProtocolError as ProtocolError
 from ._errors import UnsupportedVersion as UnsupportedVersion
 from ._frames import RUN_STATUSES as RUN_STATUSES
+from ._frames import FileCopy as FileCopy
+from ._frames import FileDelete as FileDelete
+from ._frames import FilePut as FilePut
+from ._frames import FileUpdate as FileUpdate
 from ._frames import Flush as Flush
 from ._frames import Frame as Frame
 from ._frames import Kind as Kind
@@ -44,11 +49,22 @@ from ._frames import message_ids as message_ids
 from ._frames import refusal_reason as refusal_reason
 from ._frames import unpack_stored as unpack_stored
 from ._frames import validate as validate
+from ._names import FILES_DIR as FILES_DIR
+from ._names import FILES_INDEX as FILES_INDEX
+from ._names import FILES_LOCK as FILES_LOCK
+from ._names import SPOOL_DIR as SPOOL_DIR
+from ._names import check_file_id as check_file_id
+from ._names import check_file_name as check_file_name
 from ._names import check_prefix as check_prefix
 from ._names import check_root as check_root
+from ._names import file_dir as file_dir
+from ._names import file_dir_parts as file_dir_parts
+from ._names import files_dir as files_dir
 from ._names import metric_dir_parts as metric_dir_parts
 from ._names import run_dir as run_dir
 from ._names import split_name as split_name
+from ._names import spool_dir as spool_dir
+from ._names import stored_file_path as stored_file_path
 from ._names import track_dir_name as track_dir_name
 from ._ndarray import NDARRAY_MIN_SIZE as NDARRAY_MIN_SIZE
 from ._ndarray import ndarray_ext as ndarray_ext
@@ -66,6 +82,10 @@ __all__ = [
     "CONTROL_SOCKET",
     "COUNTER",
     "COUNTERS_DIR",
+    "FILES_DIR",
+    "FILES_INDEX",
+    "FILES_LOCK",
+    "FILE_INLINE_MAX_BYTES",
     "HELLO_TOPIC",
     "INGEST_SOCKET",
     "LOG_LEVELS",
@@ -75,9 +95,14 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RUN_STATUSES",
     "SPAWN_LOCK",
+    "SPOOL_DIR",
     "ConfigError",
     "DashcarError",
     "DecodeError",
+    "FileCopy",
+    "FileDelete",
+    "FilePut",
+    "FileUpdate",
     "Flush",
     "Frame",
     "FrameTooLarge",
@@ -93,6 +118,8 @@ __all__ = [
     "RunOpen",
     "Track",
     "UnsupportedVersion",
+    "check_file_id",
+    "check_file_name",
     "check_prefix",
     "check_record",
     "check_root",
@@ -102,6 +129,9 @@ __all__ = [
     "decode_message",
     "encode",
     "ensure_private_dir",
+    "file_dir",
+    "file_dir_parts",
+    "files_dir",
     "frame_count",
     "frame_from",
     "frame_head",
@@ -114,7 +144,9 @@ __all__ = [
     "run_dir",
     "runtime_dir",
     "split_name",
+    "spool_dir",
     "state_dir",
+    "stored_file_path",
     "track_dir_name",
     "unpack_stored",
     "validate",

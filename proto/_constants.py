@@ -34,3 +34,8 @@ SPAWN_LOCK: Final = "spawn.lock"
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error", "fatal")
 """Log levels in ML-Dash order; ``warning`` and ``critical`` are accepted as aliases by the SDK."""
+
+FILE_INLINE_MAX_BYTES: Final = 64 * 1024
+"""Largest file content that travels inside its frame (read or serialised on the call); above it
+the frame names a spool file or the caller's path and the agent copies the bytes. See
+``docs/files.md`` for why 64 KiB, with the measurement."""

@@ -16,6 +16,14 @@ A frame is one ZeroMQ message holding one msgpack array::
   self-describing: a forked child or a producer whose ``RUN_OPEN`` was lost still lands.
 - ``payload`` depends on ``kind`` (see the classes below).
 
+File frames (``FILE_PUT``, ``FILE_COPY``, ``FILE_UPDATE``, ``FILE_DELETE``) carry ids the SDK
+made, logical paths and names that follow the layout's naming rules (``file_dir_parts``,
+``check_file_name``), and for ``FILE_PUT`` where the bytes are: inline (msgpack ``bin``, at most
+``FILE_INLINE_MAX_BYTES``: the only place ``bin`` is admitted, and only in a frame of that kind
+sent alone), a spool file named by a single name inside the run's spool directory, or the
+caller's absolute path with its ``stat`` at the call (the agent only reads it). No field can
+name a place outside the run directory.
+
 The first seven elements of a producer's frames for one run and kind never change, so the
 SDK packs them once (``frame_head``) and per call packs only ``seq`` and the payload.
 ``decode`` never trusts its input: sizes are bounded, binary and extension types are refused
@@ -31,9 +39,9 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 
-from ._constants import MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
-from ._errors import DecodeError, FrameTooLarge, ProtocolError, UnsupportedVersion
-from ._names import check_prefix, check_root, metric_dir_parts, track_dir_name
+from ._constants import FILE_INLINE_MAX_BYTES, MAX_CONTAINER_LEN, MAX_FRAME_BYTES, PROTOCOL_VERSION
+from ._errors import DecodeError, FrameTooLarge, InvalidName, ProtocolError, UnsupportedVersion
+from ._names import check_file_id, check_file_name, check_prefix, check_root, file_dir_parts, metric_dir_parts, track_dir_name
 from ._ndarray import check_ext, ext_to_list
 
 if TYPE_CHECKING:
@@ -57,6 +65,10 @@ class Kind(enum.IntEnum):
     FLUSH = 6
     RUN_CLOSE = 7
     META = 8
+    FILE_PUT = 9
+    FILE_COPY = 10
+    FILE_UPDATE = 11
+    FILE_DELETE = 12
     PRODUCER_GONE = 64
 
 
@@ -142,7 +154,57 @@ class ProducerGone(NamedTuple):
     pending: int = 0
 
 
-Payload: TypeAlias = RunOpen | Params | Metric | Track | Log | Flush | RunClose | Meta | ProducerGone
+FILE_SOURCES = ("inline", "spool", "path")
+"""Where a ``FilePut``'s bytes are: in the frame, in the run's spool dir, or at the caller's path."""
+FILE_META_KEYS = ("description", "tags", "bindrs", "metadata", "content_type", "size", "time")
+FILE_UPDATE_KEYS = ("description", "tags", "metadata")
+
+
+class FilePut(NamedTuple):
+    """Store a file as ``path``/``filename`` under the new id ``id``.
+
+    ``source``: ``["inline", bytes]``, ``["spool", name]`` (a file the SDK wrote into the run's
+    spool dir) or ``["path", abspath, size, mtime_ns, ino, dev]`` (the caller's file and its
+    ``stat`` at the call). ``meta``: ``time`` (the call, epoch s) and optional ``description``,
+    ``tags``, ``bindrs``, ``metadata``, ``content_type``, ``size``.
+    """
+
+    id: str
+    path: str
+    filename: str
+    source: list[Any]
+    meta: dict[str, Any]
+
+
+class FileCopy(NamedTuple):
+    """``duplicate``: store the bytes of file ``source_id`` as ``path``/``filename`` under ``id``."""
+
+    id: str
+    source_id: str
+    path: str
+    filename: str
+    meta: dict[str, Any]
+
+
+class FileUpdate(NamedTuple):
+    """Replace the ``description``, ``tags`` or ``metadata`` given in ``fields`` of file ``id``."""
+
+    id: str
+    fields: dict[str, Any]
+    time: float
+
+
+class FileDelete(NamedTuple):
+    """Soft-delete file ``id`` (its bytes stay; the index marks it deleted at ``time``)."""
+
+    id: str
+    time: float
+
+
+Payload: TypeAlias = (
+    RunOpen | Params | Metric | Track | Log | Flush | RunClose | Meta | FilePut | FileCopy | FileUpdate | FileDelete
+    | ProducerGone
+)
 
 
 class Frame(NamedTuple):
@@ -180,6 +242,8 @@ def _wire_payload(payload: Payload) -> object:
         return [payload.dropped]
     if isinstance(payload, RunClose):
         return [payload.status, payload.reason, payload.dropped]
+    if isinstance(payload, (FilePut, FileCopy, FileUpdate, FileDelete)):
+        return list(payload)
     return [payload.last_sent, payload.dropped, payload.pending]
 
 
@@ -277,11 +341,106 @@ def _payload(kind: Kind, raw: object, build: bool) -> Payload | None:
         if reason is not None:
             _str(reason, "close reason")
         return RunClose(status, reason, _int(dropped, "dropped")) if build else None
+    if kind >= Kind.FILE_PUT and kind < FIRST_INTERNAL_KIND:
+        return _file_payload(kind, raw, build)
     if type(raw) is list and len(raw) == 2:
         raw = [*raw, 0]
     last_sent, dropped, pending = _list(raw, 3, "producer-gone payload")
     gone = ProducerGone(_int(last_sent, "last_sent"), _int(dropped, "dropped"), _int(pending, "pending"))
     return gone if build else None
+
+
+def _no_bin(value: object, what: str, depth: int = 0) -> None:
+    """Refuse ``bin`` anywhere in ``value``: in a file frame only the inline content may be bytes."""
+    t = type(value)
+    if t is bytes:
+        raise DecodeError(f"{what} holds binary data; only a FILE_PUT's inline content may")
+    if depth > 64:
+        raise DecodeError(f"{what} nests deeper than 64 levels")
+    if t is dict:
+        for k, v in value.items():  # type: ignore[attr-defined]
+            if type(k) is not str:
+                raise DecodeError(f"{what} keys must be str")
+            _no_bin(v, what, depth + 1)
+    elif t is list:
+        for v in value:  # type: ignore[attr-defined]
+            _no_bin(v, what, depth + 1)
+
+
+def _str_list(value: object, what: str) -> None:
+    if type(value) is not list or not all(type(v) is str for v in value):
+        raise DecodeError(f"{what} must be an array of str")
+
+
+def _file_fields(info: dict[str, Any], what: str) -> None:
+    """The optional ML-Dash fields of a file: description, tags, bindrs, metadata."""
+    if "description" in info and info["description"] is not None:
+        _str(info["description"], f"{what} description")
+    for key in ("tags", "bindrs"):
+        if key in info:
+            _str_list(info[key], f"{what} {key}")
+    metadata = info.get("metadata")
+    if metadata is not None:
+        _map(metadata, f"{what} metadata")
+    _no_bin(info, what)
+
+
+def _file_meta(raw: object, what: str) -> dict[str, Any]:
+    meta = _map(raw, what)
+    _number(meta.get("time"), f"{what} time")
+    _file_fields(meta, what)
+    if "content_type" in meta:
+        _str(meta["content_type"], f"{what} content_type")
+    if "size" in meta:
+        _int(meta["size"], f"{what} size")
+    return meta
+
+
+def _file_payload(kind: Kind, raw: object, build: bool) -> Payload | None:
+    """Check a file frame's payload (see ``FilePut`` and the module docstring)."""
+    if kind is Kind.FILE_DELETE:
+        file_id, time = _list(raw, 2, "file delete payload")
+        check_file_id(file_id)
+        return FileDelete(file_id, _number(time, "file delete time")) if build else None
+    if kind is Kind.FILE_UPDATE:
+        file_id, fields, time = _list(raw, 3, "file update payload")
+        check_file_id(file_id)
+        fields = _map(fields, "file update fields")
+        if not set(fields) <= set(FILE_UPDATE_KEYS):
+            raise DecodeError(f"file update fields must be among {FILE_UPDATE_KEYS}")
+        _file_fields(fields, "file update")
+        return FileUpdate(file_id, fields, _number(time, "file update time")) if build else None
+    if kind is Kind.FILE_COPY:
+        file_id, source_id, path, filename, meta = _list(raw, 5, "file copy payload")
+        check_file_id(file_id)
+        check_file_id(source_id)
+        file_dir_parts(path)
+        check_file_name(filename)
+        meta = _file_meta(meta, "file copy meta")
+        return FileCopy(file_id, source_id, path, filename, meta) if build else None
+    file_id, path, filename, source, meta = _list(raw, 5, "file put payload")
+    check_file_id(file_id)
+    file_dir_parts(path)
+    check_file_name(filename)
+    meta = _file_meta(meta, "file put meta")
+    if type(source) is not list or not source or source[0] not in FILE_SOURCES:
+        raise DecodeError(f"file source must be an array starting with one of {FILE_SOURCES}")
+    if source[0] == "inline":
+        (_, data) = _list(source, 2, "inline file source")
+        if type(data) is not bytes or len(data) > FILE_INLINE_MAX_BYTES:
+            raise DecodeError(f"inline file content must be binary of at most {FILE_INLINE_MAX_BYTES} bytes")
+    elif source[0] == "spool":
+        (_, name) = _list(source, 2, "spool file source")
+        check_file_name(name, "spool name")
+    else:
+        (_, abspath, size, mtime_ns, ino, dev) = _list(source, 6, "path file source")
+        if type(abspath) is not str or "\x00" in abspath or not abspath.startswith("/") or len(abspath) > 4096:
+            raise InvalidName("a file source path must be an absolute path without NUL, at most 4096 characters")
+        _int(size, "file size")
+        _int(mtime_ns, "file mtime_ns", -(2**63), 2**63 - 1)
+        _int(ino, "file inode")
+        _int(dev, "file device")
+    return FilePut(file_id, path, filename, source, meta) if build else None
 
 
 _checked_names: set[str] = set()
@@ -306,6 +465,9 @@ _LIMITS: Final[_Limits] = {
     "max_array_len": MAX_CONTAINER_LEN,
     "max_map_len": MAX_CONTAINER_LEN,
 }
+_PUT_LIMITS: Final[_Limits] = {**_LIMITS, "max_bin_len": FILE_INLINE_MAX_BYTES}
+"""A lone ``FILE_PUT`` frame may hold one ``bin`` (its inline content; ``_file_payload`` refuses any other)."""
+_PUT_HEAD: Final = bytes((0x98, PROTOCOL_VERSION, Kind.FILE_PUT))
 
 
 def _unpack(data: bytes, ext_hook: Any, *, coalesced: bool = False) -> Any:
@@ -313,7 +475,7 @@ def _unpack(data: bytes, ext_hook: Any, *, coalesced: bool = False) -> Any:
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"message of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        return _unpackb(data, ext_hook=ext_hook, **_LIMITS)
+        return _unpackb(data, ext_hook=ext_hook, **(_PUT_LIMITS if data[:3] == _PUT_HEAD else _LIMITS))
     except ProtocolError:
         raise
     except msgpack.ExtraData:

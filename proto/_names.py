@@ -84,3 +84,69 @@ def _check_root(root: str) -> str:
 def run_dir(root: str, prefix: str) -> str:
     """The run directory for a validated root and prefix."""
     return os.path.join(check_root(root), *split_name(prefix, "run prefix"))
+
+
+FILES_DIR: Final = "files"
+"""A run's files live under ``<run>/files/``, as ML-Dash lays them out."""
+FILES_INDEX: Final = ".files_metadata.json"
+FILES_LOCK: Final = ".files_metadata.lock"
+SPOOL_DIR: Final = ".incoming"
+"""Under ``files/``: content the SDK serialised for the agent (``save_*`` above the inline size),
+owned by the agent once the frame is sent; ML-Dash's reader never looks there (it reads the index)."""
+MAX_FILE_ID_CHARS: Final = 64
+
+
+def file_dir_parts(path: object) -> tuple[str, ...]:
+    """Parts of a file's logical directory (``/models/best`` → ``("models", "best")``; ``/`` → ``()``).
+
+    Leading and trailing slashes are optional; every part follows the naming rules, and the
+    first may not be the spool directory's name.
+    """
+    if not isinstance(path, str):
+        raise InvalidName(f"file path must be a str, got {type(path).__name__}")
+    inner = path.strip("/")
+    if not inner:
+        return ()
+    parts = _split(inner, "file path")
+    if parts[0] == SPOOL_DIR:
+        raise InvalidName(f"file path {path!r}: {SPOOL_DIR!r} is where the agent keeps incoming files; choose another")
+    return parts
+
+
+def file_dir(path: object) -> str:
+    """The logical directory as stored in the index: ``/`` or ``/a/b`` (no trailing slash)."""
+    return "/" + "/".join(file_dir_parts(path))
+
+
+def check_file_name(name: object, what: str = "file name") -> str:
+    """A stored file's name (or a file id, or a spool name): one valid path part."""
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} must be a str, got {type(name).__name__}")
+    parts = _split(name, what)
+    if len(parts) != 1:
+        raise InvalidName(f"{what} {name!r} must be a single name, without '/'")
+    return name
+
+
+def check_file_id(file_id: object) -> str:
+    """A file id: one valid name of at most ``MAX_FILE_ID_CHARS`` characters (dashcar makes digits)."""
+    check_file_name(file_id, "file id")
+    assert isinstance(file_id, str)
+    if len(file_id) > MAX_FILE_ID_CHARS:
+        raise InvalidName(f"file id {file_id[:20]!r}... is longer than {MAX_FILE_ID_CHARS} characters")
+    return file_id
+
+
+def files_dir(run: str) -> str:
+    """``<run>/files``."""
+    return os.path.join(run, FILES_DIR)
+
+
+def spool_dir(run: str) -> str:
+    """``<run>/files/.incoming``: where the SDK leaves serialised content for the agent."""
+    return os.path.join(run, FILES_DIR, SPOOL_DIR)
+
+
+def stored_file_path(run: str, path: str, file_id: str, filename: str) -> str:
+    """Where a file lands: ``<run>/files/<path>/<id>/<filename>``, as ML-Dash stores it."""
+    return os.path.join(run, FILES_DIR, *file_dir_parts(path), check_file_id(file_id), check_file_name(filename))

@@ -13,6 +13,8 @@ from dashcar.proto import InvalidName as InvalidName
 from ._experiment import Experiment as Experiment
 from ._experiment import dashcar_experiment as dashcar_experiment
 from ._experiment import ml_dash_experiment as ml_dash_experiment
+from ._files import FileBuilder as FileBuilder
+from ._files import FilesAccessor as FilesAccessor
 from ._logs import LogBuilder as LogBuilder
 from ._metrics import BufferManager as BufferManager
 from ._metrics import MetricsManager as MetricsManager
@@ -38,6 +40,8 @@ __all__ = [
     "ConfigError",
     "DashcarError",
     "Experiment",
+    "FileBuilder",
+    "FilesAccessor",
     "InvalidName",
     "LogBuilder",
     "MetricBuilder",

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from dashcar.proto import Kind, check_prefix, runtime_dir
 
 from . import _agent, _logs, _transport
+from ._files import FilesAccessor
 from ._metrics import MetricsManager
 from ._params import ParamsBuilder
 from ._run import RUN, RunContext, resolve_template, split_prefix
@@ -82,7 +83,7 @@ class Experiment:
 
     __slots__ = (
         "_prefix", "_dash_root", "description", "tags", "metadata", "echo_logs", "_runtime_dir_arg", "_runtime_dir",
-        "_transport", "_owner_pid", "_open", "_tls", "_coalesce_ms", "run", "params", "metrics", "tracks", "logs",
+        "_transport", "_owner_pid", "_open", "_tls", "_coalesce_ms", "run", "params", "metrics", "tracks", "logs", "files",
     )
 
     def __init__(
@@ -133,6 +134,7 @@ class Experiment:
         self.metrics = MetricsManager(self)
         self.tracks = TracksManager(self)
         self.logs = _logs.LogBuilder(self)
+        self.files = FilesAccessor(self)
 
     @property
     def prefix(self) -> str:

@@ -80,9 +80,11 @@ RECONNECT_IVL_MAX_MS = 1000
 """A socket retries its connection after 10 ms, backing off to 1 s while no agent is there."""
 ACK_POLL_EVERY = 63
 """Acknowledgements are read on every 64th send (and before a barrier): cheap, and often enough."""
-_ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE))
+_ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE, Kind.FILE_PUT, Kind.FILE_COPY, Kind.FILE_UPDATE,
+                    Kind.FILE_DELETE))
 """Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
-barrier and a close (the agent commits at once when one arrives)."""
+barrier and a close (the agent commits at once when one arrives), and file frames (rare; a
+``FILE_PUT`` may carry binary content, which the agent admits only in a frame sent alone)."""
 
 
 def _default(obj: Any) -> Any:

@@ -17,20 +17,31 @@ Invariants
   derived from the committed state, replaced atomically after each commit and on recovery.
 - A run's state is dropped one commit after its final ``RunItem``, so a crash in between
   rewrites its final files on recovery instead of leaving them stale.
+- Files (``FileItem``): the bytes land durably while the send runs, the index changes of
+  the send are applied once per run before the commit, under ML-Dash's lock, idempotent by
+  id (see ``agent/files.py`` for the order). Before an entry is replaced (ML-Dash's
+  overwrite), ``o:<run>\0<old id>`` is committed with the old id directory: recovery removes
+  that directory, and a replayed put of an id that was replaced is skipped (the index no
+  longer holds it, and putting it again would undo the later file). These keys go with the
+  run's state. A file whose bytes could not be had is counted in the run's counters
+  (``files_lost``, ``files_lost_<reason>``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import layout, merge
+from dashcar.proto import stored_file_path
+
+from .. import files, layout, merge
 from ..book import iso
 from ..errors import SinkRetryable
-from ..stream import FlushedItem, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import FileItem, FlushedItem, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 
 if TYPE_CHECKING:
@@ -54,6 +65,15 @@ class _Send:
     files: set[str] = field(default_factory=set)
     final: set[str] = field(default_factory=set)
     redos: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    file_ops: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    """Per run, the index changes of this send, in order: ``("put", entry)``, ``("update", id, fields)``,
+    ``("delete", id, time)``."""
+    known: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Per run, the index entries by id: as on disk at the first file item, plus this send's puts."""
+
+
+def _replaced_key(run: str, file_id: str) -> bytes:
+    return b"o:" + run.encode() + b"\0" + file_id.encode()
 
 
 class JsonlSink:
@@ -74,6 +94,9 @@ class JsonlSink:
         """Runs that keep no local files (every batch names them in its ``RunItem``)."""
         self._applied: list[str] = []
         self._paths: dict[tuple[str, str], str] = {}
+        self.files_stored = 0
+        self.files_lost = 0
+        self._state: SinkState | None = None
 
     # ----------------------------------------------------------------- recovery
     def open(self, state: SinkState) -> None:
@@ -88,6 +111,9 @@ class JsonlSink:
             self._apply_redo(k[2:].decode(), pos, data)
         for path, fs in list(self.files.items()):
             self._truncate_to_committed(path, fs)
+        for k, d in state.items(b"o:"):
+            self._finish_removal(d, k[2:].decode().split("\0", 1)[0])
+        self._state = state
         if redos:
             for k, _ in redos:
                 state.delete(k)
@@ -111,6 +137,14 @@ class JsonlSink:
             fresh = self._load_file(path, fs["kind"], fs["run"], fs.get("topic"), fs.get("name"))
             fresh["folder"] = fs.get("folder", "metrics")
             self.files[path] = fresh
+
+    @staticmethod
+    def _finish_removal(d: str, run: str) -> None:
+        """Remove an overwritten file's id directory unless the index still holds that id (its
+        replacement never reached the index: the send is done again)."""
+        fid = os.path.basename(d)
+        if not any(e.get("id") == fid for e in files.read_index(run)):
+            shutil.rmtree(d, ignore_errors=True)
 
     def _apply_redo(self, path: str, pos: int, data: bytes) -> None:
         """Rewrite a file's tail from ``pos``; a file removed or cut short behind the agent is left
@@ -208,6 +242,7 @@ class JsonlSink:
     def send(self, batches: list[Batch], state: SinkState) -> list[Rejected]:
         """Apply every item to files (appends written and fsynced), and stage the state to commit."""
         self._send = _Send()
+        self._state = state
         remote_only = self._remote_only
         for batch in batches:
             for item in batch.items:
@@ -229,6 +264,11 @@ class JsonlSink:
                     self._params(item)
                 elif isinstance(item, MetaItem):
                     self._meta(item)
+                elif isinstance(item, FileItem):
+                    self._file_item(item)
+        for run in self._send.final:
+            if self.runs[run].get("pending_copies"):
+                self._lose_pending_copies(run)
         self._write(state)
         return []
 
@@ -271,6 +311,140 @@ class JsonlSink:
         line = layout.log_line
         self._append(lpath, fs, b"".join([line(i, e[0], e[1], e[2], e[3]) for i, e in enumerate(item.entries, item.first_seq)]))
         fs["n"] = max(fs["n"] + len(item.entries), item.first_seq + len(item.entries))
+
+    # -------------------------------------------------------------------- files
+    def _count_file(self, run: str, name: str, n: int = 1) -> None:
+        c = self.runs[run].setdefault("file_counters", {})
+        c[name] = c.get(name, 0) + n
+
+    def _known(self, run: str) -> dict[str, dict[str, Any]]:
+        known = self._send.known.get(run)
+        if known is None:
+            known = self._send.known[run] = {e["id"]: e for e in files.read_index(run) if isinstance(e.get("id"), str)}
+        return known
+
+    def _file_item(self, item: FileItem) -> None:
+        """Land a put's or copy's bytes now (durably); queue every index change for ``_write``."""
+        self._run(item.run)
+        ops = self._send.file_ops.setdefault(item.run, [])
+        if item.op == "update":
+            ops.append(("update", item.id, item.meta))
+            return
+        if item.op == "delete":
+            ops.append(("delete", item.id, item.meta["time"]))
+            return
+        known = self._known(item.run)
+        if item.id in known or self._replaced(item.run, item.id):
+            self._count_file(item.run, "files_stored")
+            return
+        dest = stored_file_path(item.run, item.path, item.id, item.filename)
+        try:
+            if os.path.exists(dest):
+                stored = files.hash_file(dest)
+            elif item.op == "copy":
+                src = known.get(item.source[1])
+                if src is None:
+                    # Its put may still come: a frame re-sent after an agent restart lands after later ones.
+                    self.runs[item.run].setdefault("pending_copies", []).append(list(item))
+                    return
+                if src.get("deletedAt") is not None:
+                    raise files.FileLost("no_source", f"file {item.source[1]} to duplicate was deleted")
+                stored = files.store_copy(os.path.join(files.id_dir(item.run, src["path"], src["id"]), src["filename"]), dest)
+            elif item.source[0] == "inline":
+                stored = files.store_bytes(item.source[1], dest)
+            elif item.source[0] == "spool":
+                stored = files.store_spool(item.source[1], dest, item.meta.get("size"))
+            else:
+                stored = files.store_path(item.source, dest, item.pid)
+        except files.FileLost as lost:
+            try:
+                os.rmdir(os.path.dirname(dest))
+            except OSError:
+                pass
+            self._count_file(item.run, "files_lost")
+            self._count_file(item.run, "files_lost_" + lost.reason)
+            self.files_lost += 1
+            log.warning("run=%s file=%s/%s id=%s lost reason=%s", item.run, item.path, item.filename, item.id, lost)
+            return
+        except OSError as exc:
+            raise SinkRetryable(f"storing file {dest} failed: {exc}") from exc
+        if stored.changed:
+            self._count_file(item.run, "files_changed_after_call")
+            log.warning("run=%s file=%s changed between the call and its copy; stored what was read", item.run, dest)
+        st = self.runs[item.run]
+        exp_id = files.experiment_id(st["prefix"], st["info"].get("project"))
+        entry = files.new_entry(item.id, exp_id, item.path, item.filename, item.meta, stored)
+        known[item.id] = entry
+        ops.append(("put", entry))
+        self._count_file(item.run, "files_stored")
+        self.files_stored += 1
+        st = self.runs[item.run]
+        waiting = [p for p in st.get("pending_copies", ()) if p[6][1] == item.id]
+        if waiting:
+            st["pending_copies"] = [p for p in st["pending_copies"] if p[6][1] != item.id]
+            for p in waiting:
+                self._file_item(FileItem(*p))
+
+    def _lose_pending_copies(self, run: str) -> None:
+        """At a run's end, copies whose source never came are lost."""
+        for p in self.runs[run].pop("pending_copies", None) or ():
+            self._count_file(run, "files_lost")
+            self._count_file(run, "files_lost_no_source")
+            self.files_lost += 1
+            log.warning("run=%s duplicate id=%s lost: file %s never came", run, p[3], p[6][1])
+
+    def _replaced(self, run: str, file_id: str) -> bool:
+        """True if a later file replaced ``file_id`` in the index (this is a replay of its put)."""
+        assert self._state is not None
+        return self._state.get(_replaced_key(run, file_id)) is not None
+    def _write_file_index(self, run: str, ops: list[tuple[Any, ...]], state: SinkState) -> list[str]:
+        """Apply one run's index changes under ML-Dash's lock; the overwritten id directories to remove."""
+        removed: list[str] = []
+        with files.locked_index(run) as entries:
+            changed = False
+            for op in ops:
+                ids = {e.get("id"): i for i, e in enumerate(entries)}
+                if op[0] == "put":
+                    entry = op[1]
+                    if entry["id"] in ids:
+                        continue
+                    i = files.live_entry(entries, entry["path"], entry["filename"])
+                    if i is None:
+                        entries.append(entry)
+                    elif files.called_before(entry, entries[i]):
+                        # A later call's file holds the name already (this frame was re-sent after an
+                        # agent restart, and so came late): it was overwritten before it arrived.
+                        d = files.id_dir(run, entry["path"], entry["id"])
+                        removed.append(d)
+                        state.put(_replaced_key(run, entry["id"]), d)
+                        continue
+                    else:
+                        old = entries[i]
+                        d = files.id_dir(run, old["path"], old["id"])
+                        removed.append(d)
+                        state.put(_replaced_key(run, old["id"]), d)
+                        entries[i] = entry
+                    changed = True
+                    continue
+                i = ids.get(op[1])
+                if i is None or (op[0] == "update" and entries[i].get("deletedAt") is not None):
+                    self._count_file(run, "file_ops_no_target")
+                    log.warning("run=%s file %s of a %s is not in the run (or deleted)", run, op[1], op[0])
+                    continue
+                e = entries[i]
+                if op[0] == "update":
+                    for key in ("description", "tags", "metadata"):
+                        if key in op[2]:
+                            e[key] = op[2][key]
+                    e["updatedAt"] = iso(float(op[2]["time"]))
+                elif e.get("deletedAt") is None:
+                    e["deletedAt"] = e["updatedAt"] = iso(float(op[2]))
+                changed = True
+            if removed:
+                state.commit()
+            if changed:
+                files.write_index(run, entries)
+        return removed
 
     def _track_path(self, run: str, topic: str) -> str:
         path = self._paths.get((run, topic))
@@ -338,10 +512,18 @@ class JsonlSink:
                 layout.fsync_dir(d)
         except OSError as exc:
             raise SinkRetryable(f"writing JSONL failed: {exc}") from exc
+        try:
+            for frun, ops in snd.file_ops.items():
+                for d in self._write_file_index(frun, ops, state):
+                    shutil.rmtree(d, ignore_errors=True)
+        except OSError as exc:
+            raise SinkRetryable(f"writing a file index failed: {exc}") from exc
         dropping = {p for p in self._drop_next if p not in snd.runs}
         for path in dropping:
             run = self.runs[path]
             state.delete(b"r:" + path.encode())
+            for k, _ in state.items(b"o:" + path.encode() + b"\0"):
+                state.delete(k)
             for fpath in run["files"]:
                 state.delete(b"f:" + fpath.encode())
         for path in self._applied:
@@ -404,7 +586,7 @@ class JsonlSink:
                 "host": info.get("host"),
                 "pid": info.get("pid"),
                 "argv": info.get("argv"),
-                "counters": run["counters"],
+                "counters": {**run["counters"], **run.get("file_counters", {})},
             },
         }
         params = run.get("params")
@@ -459,4 +641,5 @@ class JsonlSink:
 
     def status(self) -> dict[str, Any]:
         """Files and runs the sink is tracking, and tail rewrites so far."""
-        return {"runs": len(self.runs), "files": len(self.files), "rewrites": self.rewrites}
+        return {"runs": len(self.runs), "files": len(self.files), "rewrites": self.rewrites, "files_stored": self.files_stored,
+                "files_lost": self.files_lost}

@@ -67,8 +67,8 @@ def test_full_data_disk_and_full_wal_drop_count_and_recover(small_disk: Path, ag
     except AssertionError:
         print(agent.status(), agent.log()[-3000:])  # noqa: T201 - pytest shows it with the failure
         raise
-    st = wait_until(lambda: (s := agent.status())["wal"]["backlog"] == 0 and s, 30, "the backlog written")
-    assert st["sink"]["error"] is None
+    st = wait_until(lambda: (s := agent.status())["wal"]["backlog"] == 0 and s["sinks"]["jsonl"]["lag"]["frames"] == 0
+                    and s["sink"]["error"] is None and s, 30, "the backlog written, the sink's error gone")
     rows = read_jsonl(run / "tracks" / "t" / "data.jsonl")
     stamps = [r["timestamp"] for r in rows]
     assert stamps == sorted(set(stamps)), "no torn, duplicated or unsorted line"

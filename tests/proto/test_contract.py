@@ -13,20 +13,23 @@ from dashcar.agent import errors as agent_errors
 from dashcar.proto import DashcarError, InvalidName, _errors
 
 DASHCAR_API = [
-    "RUN", "BufferManager", "ConfigError", "DashcarError", "Experiment", "InvalidName", "LogBuilder", "MetricBuilder",
+    "RUN", "BufferManager", "ConfigError", "DashcarError", "Experiment", "FileBuilder", "FilesAccessor", "InvalidName",
+    "LogBuilder", "MetricBuilder",
     "MetricsManager", "ParametersBuilder", "ParamsBuilder", "RunConfig", "RunContext", "Series", "Session",
     "SummaryCache", "TrackBuilder", "TrackSlice", "TracksManager", "__version__", "dashcar_experiment",
     "ml_dash_experiment",
 ]
 PROTO_API = [
-    "ACKS_SOCKET", "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "HELLO_TOPIC", "INGEST_SOCKET", "LOG_LEVELS",
-    "MAX_FRAME_BYTES", "NDARRAY_MIN_SIZE", "PROTOCOL_MINOR", "PROTOCOL_VERSION", "RUN_STATUSES", "SPAWN_LOCK",
-    "ConfigError", "DashcarError", "DecodeError", "Flush", "Frame", "FrameTooLarge", "InvalidName",
-    "Kind", "Log", "Meta", "Metric", "Params", "ProducerGone", "ProtocolError", "RunClose", "RunOpen",
-    "Track", "UnsupportedVersion", "check_prefix", "check_record", "check_root", "coalesce", "counter_path",
-    "decode", "decode_message", "encode", "ensure_private_dir", "frame_count", "frame_from", "frame_head",
-    "internal_record", "message_ids", "metric_dir_parts", "ndarray_ext", "parse_counter_name", "refusal_reason", "run_dir",
-    "runtime_dir", "split_name", "state_dir", "track_dir_name", "unpack_stored", "validate",
+    "ACKS_SOCKET", "AGENT_LOCK", "CONTROL_SOCKET", "COUNTER", "COUNTERS_DIR", "FILES_DIR", "FILES_INDEX", "FILES_LOCK",
+    "FILE_INLINE_MAX_BYTES", "HELLO_TOPIC", "INGEST_SOCKET", "LOG_LEVELS", "MAX_FRAME_BYTES", "NDARRAY_MIN_SIZE",
+    "PROTOCOL_MINOR", "PROTOCOL_VERSION", "RUN_STATUSES", "SPAWN_LOCK", "SPOOL_DIR", "ConfigError", "DashcarError",
+    "DecodeError", "FileCopy", "FileDelete", "FilePut", "FileUpdate", "Flush", "Frame", "FrameTooLarge", "InvalidName",
+    "Kind", "Log", "Meta", "Metric", "Params", "ProducerGone", "ProtocolError", "RunClose", "RunOpen", "Track",
+    "UnsupportedVersion", "check_file_id", "check_file_name", "check_prefix", "check_record", "check_root", "coalesce",
+    "counter_path", "decode", "decode_message", "encode", "ensure_private_dir", "file_dir", "file_dir_parts",
+    "files_dir", "frame_count", "frame_from", "frame_head", "internal_record", "message_ids", "metric_dir_parts",
+    "ndarray_ext", "parse_counter_name", "refusal_reason", "run_dir", "runtime_dir", "split_name", "spool_dir",
+    "state_dir", "stored_file_path", "track_dir_name", "unpack_stored", "validate",
 ]
 
 

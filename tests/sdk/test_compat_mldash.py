@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dashcar
-from tests.conftest import AgentHandle, read_jsonl
+from tests.conftest import AgentHandle, read_jsonl, wait_until
 
 ml_dash = pytest.importorskip("ml_dash")
 
@@ -141,6 +141,22 @@ with exp.run as e:
     e.tracks("camera/rgb").append(frame=0, _ts=0.5)
     e.log("hello", metadata={"k": 1})
     e.log("careful", level="warn")
+    import os
+    import numpy as np
+    small, big = os.path.join(os.path.dirname(root), "small.txt"), os.path.join(os.path.dirname(root), "big.bin")
+    e.files("models").upload(small, description="a small one", tags=["s"], metadata={"k": 1})
+    e.files("models").upload(big)
+    e.files.upload(small, to="copies/renamed.txt")
+    e.files("configs").save_json({"lr": 0.001, "layers": [1, 2]}, to="config.json")
+    e.files.save_text("text \u00fc", to="notes/readme.txt")
+    e.files("data").save_blob(bytes(range(256)) * 300, to="blob.bin")
+    e.files("data").save_pkl({"a": 1}, to="obj.pkl")
+    e.files("frames").save_image(np.arange(48, dtype=np.uint8).reshape(4, 4, 3), to="f.png")
+    e.flush()
+    first = {f["filename"]: f for f in e.files().list()}
+    e.files().duplicate(first["config.json"]["id"], to="configs/copy.json")
+    e.files(file_id=first["small.txt"]["id"], description="updated", tags=["u"]).update()
+    e.files("data/obj.pkl").delete()
     print("prefix", e.run.prefix)
 """
 
@@ -160,12 +176,39 @@ def _same_content(path: str, theirs: Any, ours: Any) -> None:
         assert ours == theirs, path
 
 
+FILE_CLOCK = {"id", "uploadedAt", "updatedAt", "deletedAt"}
+"""Index fields that differ between two runs of one script: the id (made per call) and when."""
+
+
+def _compare_files(theirs_dir: Path, ours_dir: Path) -> None:
+    """The two ``files/`` hold the same entries (but ids and times) and the same bytes under each."""
+
+    def entries(run: Path) -> list[dict[str, Any]]:
+        files: list[dict[str, Any]] = json.loads((run / "files" / ".files_metadata.json").read_text())["files"]
+        return sorted(files, key=lambda e: (e["path"], e["filename"], e["deletedAt"] is None))
+
+    theirs, ours = entries(theirs_dir), entries(ours_dir)
+    assert [(e["path"], e["filename"]) for e in ours] == [(e["path"], e["filename"]) for e in theirs]
+    for t, o in zip(theirs, ours, strict=True):
+        assert list(o) == list(t), "the same keys in the same order"
+        assert {k: v for k, v in o.items() if k not in FILE_CLOCK} == {k: v for k, v in t.items() if k not in FILE_CLOCK}
+        assert (o["deletedAt"] is None) == (t["deletedAt"] is None)
+        parts = [p for p in t["path"].split("/") if p]
+        assert (ours_dir.joinpath("files", *parts, o["id"], o["filename"]).read_bytes()
+                == theirs_dir.joinpath("files", *parts, t["id"], t["filename"]).read_bytes())
+
+
 def test_the_same_script_writes_the_same_run_through_ml_dash_and_dashcar(agent: AgentHandle, tmp_path: Path) -> None:
-    """Prefix template, params, metrics, tracks and logs: the two run directories hold the same files and data."""
+    """Prefix template, params, metrics, tracks, logs and files: the two run directories hold the same files and data."""
     script = tmp_path / "same.py"
     script.write_text(SAME_SCRIPT)
+    (tmp_path / "small.txt").write_text("small file")
+    (tmp_path / "big.bin").write_bytes(bytes(range(256)) * 400)
     prefixes = {}
-    for lib, env in (("ml_dash", dict(os.environ, ML_DASH_NO_VERSION_CHECK="1")), ("dashcar", agent.env())):
+    # ML-Dash 0.11 deletes an uploaded file that lies under the temp dir (tmp_path does): give it another.
+    (tmp_path / "mltmp").mkdir()
+    ml_env = dict(os.environ, ML_DASH_NO_VERSION_CHECK="1", TMPDIR=str(tmp_path / "mltmp"))
+    for lib, env in (("ml_dash", ml_env), ("dashcar", agent.env())):
         res = subprocess.run([sys.executable, str(script), lib, str(tmp_path / lib)], env=env, capture_output=True,
                              text=True, timeout=60)
         assert res.returncode == 0, res.stderr
@@ -174,12 +217,19 @@ def test_the_same_script_writes_the_same_run_through_ml_dash_and_dashcar(agent: 
     theirs_dir, ours_dir = (tmp_path.joinpath(lib, *prefixes[lib].split("/")) for lib in ("ml_dash", "dashcar"))
 
     def files(run: Path) -> set[str]:
-        return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+        """The run's files, an id directory under ``files/`` shown as ``<id>``."""
+        ids = {e["id"] for e in json.loads((run / "files" / ".files_metadata.json").read_text())["files"]}
+        return {"/".join("<id>" if part in ids else part for part in p.relative_to(run).parts) for p in run.rglob("*")
+                if p.is_file()}
 
+    wait_until(lambda: not (ours_dir / "files" / ".incoming").exists(), 20, "spool files released")
     assert files(ours_dir) == files(theirs_dir)
+    _compare_files(theirs_dir, ours_dir)
     assert {p.parent.relative_to(tmp_path / "dashcar").as_posix() for p in (tmp_path / "dashcar").rglob("experiment.json")} == {
         prefixes["dashcar"]}, "no run directory is left with an unresolved template"
     for name in sorted(files(theirs_dir)):
+        if name.startswith("files/"):
+            continue
         theirs_path, ours_path = theirs_dir / name, ours_dir / name
         if name.endswith(".jsonl"):
             theirs_rows, ours_rows = read_jsonl(theirs_path), read_jsonl(ours_path)
