@@ -195,6 +195,7 @@ class Core:
         self.recent: OrderedDict[int, Batch] = OrderedDict()
         self._recent_bytes = 0
         self._low_cache = (0, 0)
+        self._subscribers: list[Callable[[Batch], None]] = []
         self.cond = threading.Condition()
         """Notified with every new stream batch."""
         self.recovered = False
@@ -686,7 +687,14 @@ class Core:
         ``recover``)."""
         self.wal.commit_core(None, {}, [], wal_upto=self._wal_upto(), out_upto=self._out_upto())
 
+    def subscribe(self, keep: Callable[[Batch], None]) -> None:
+        """Have ``keep`` called with every new batch, on the core's thread (a runner that holds
+        batches keeps them decoded instead of reading them back later)."""
+        self._subscribers.append(keep)
+
     def _remember(self, batch: Batch) -> None:
+        for keep in self._subscribers:
+            keep(batch)
         with self.cond:
             self.recent[batch.seq] = batch
             self._recent_bytes += batch.size
@@ -695,9 +703,10 @@ class Core:
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ readers
-    def batches(self, after: int, limit: int, max_frames: int = 1 << 62) -> list[Batch]:
+    def batches(self, after: int, limit: int, max_frames: int = 1 << 62, *, memory_only: bool = False) -> list[Batch]:
         """Stream batches after ``after``: at most ``limit``, and no more frames than ``max_frames``
-        unless the first alone has more. Batches still in memory are not read or decoded again."""
+        unless the first alone has more. Batches still in memory are not read or decoded again;
+        with ``memory_only``, only those (up to the first that is not)."""
         out: list[Batch] = []
         frames = 0
         seq = after + 1
@@ -710,7 +719,7 @@ class Core:
             out.append(b)
             frames += b.frames
             seq += 1
-        while len(out) < limit and seq <= self.out_seq:
+        while not memory_only and len(out) < limit and seq <= self.out_seq:
             # In slices: a sink that gathers many batches must not read far past its frame limit.
             chunk = self.wal.read_out(seq - 1, min(READ_SLICE, limit - len(out)))
             if not chunk:

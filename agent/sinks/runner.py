@@ -110,6 +110,10 @@ class Runner:
         self.attempt = 0
         self.retry_at: float | None = None
         self._skip_to = 0
+        self._gathered: list[Batch] = []
+        """Batches kept while holding (see ``_keep``), from ``cursor + 1`` on."""
+        self._gathered_frames = 0
+        self._gather_lock = threading.Lock()
         self._warned_at = 0.0
         self._committed_at = 0.0
         self._scanned = 0
@@ -122,6 +126,8 @@ class Runner:
         self._release = 0
         """A flush waits for this stream batch: nothing up to it is held (``wait_passed``)."""
         self._pending: Callable[[], float | None] = getattr(sink, "pending", lambda: None)
+        if self.hold_frames or self.hold_s:
+            core.subscribe(self._keep)
         self._load()
 
     def _load(self) -> None:
@@ -176,8 +182,40 @@ class Runner:
             self._skip()
         if self._holding():
             return False
-        batches = self.core.batches(self.cursor, self.max_batches, self.max_frames)
+        batches = self._take()
         return bool(batches) and self._deliver(batches)
+
+    def _keep(self, batch: Batch) -> None:
+        """Called by the core with each new batch: a runner that holds keeps it decoded (up to one
+        send's worth), so the send does not read it back and merge its rows again from the WAL."""
+        with self._gather_lock:
+            gathered = self._gathered
+            expected = gathered[-1].seq + 1 if gathered else self.cursor + 1
+            if batch.seq == expected and self._gathered_frames < self.max_frames:
+                gathered.append(batch)
+                self._gathered_frames += batch.frames
+
+    def _take(self) -> list[Batch]:
+        """The next batches to send: those kept in memory, then the rest from the stream."""
+        with self._gather_lock:
+            gathered = [b for b in self._gathered if b.seq > self.cursor]
+            self._gathered, self._gathered_frames = [], 0
+        if not gathered or gathered[0].seq != self.cursor + 1:
+            return self.core.batches(self.cursor, self.max_batches, self.max_frames)
+        frames = 0
+        out: list[Batch] = []
+        for b in gathered:
+            if out and (frames + b.frames > self.max_frames or len(out) >= self.max_batches):
+                return out
+            out.append(b)
+            frames += b.frames
+        if frames < self.max_frames and len(out) < self.max_batches:
+            for b in self.core.batches(out[-1].seq, self.max_batches - len(out), self.max_frames - frames):
+                if frames + b.frames > self.max_frames:
+                    break
+                out.append(b)
+                frames += b.frames
+        return out
 
     def _holding(self) -> bool:
         """True while the sink wants more batches before a send (``hold_frames``/``hold_s``)."""
@@ -342,6 +380,8 @@ class Runner:
     def _skip(self) -> None:
         target = min(self._skip_to, self.core.out_seq)
         heads = self.core.summaries(self.cursor, target - self.cursor)
+        with self._gather_lock:
+            self._gathered, self._gathered_frames = [], 0
         if not heads:
             return
         frames = 0
