@@ -78,8 +78,9 @@ RESEND_MAX_MESSAGES = 100_000
 RECONNECT_IVL_MS = 10
 RECONNECT_IVL_MAX_MS = 1000
 """A socket retries its connection after 10 ms, backing off to 1 s while no agent is there."""
-ACK_POLL_EVERY = 63
-"""Acknowledgements are read on every 64th send (and before a barrier): cheap, and often enough."""
+ACK_POLL_EVERY = 255
+"""Acknowledgements are read on every 256th send (and before a barrier and at exit): rare enough
+to stay out of the call's p99, often enough to keep ``held`` small."""
 _ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE, Kind.FILE_PUT, Kind.FILE_COPY, Kind.FILE_UPDATE,
                     Kind.FILE_DELETE))
 """Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
@@ -130,6 +131,18 @@ def _open_counter(path: Path) -> mmap.mmap | bytearray:
         return mmap.mmap(fd, COUNTER.size)
     finally:
         os.close(fd)
+
+
+def _batch_io_thread(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Run ZeroMQ's I/O thread as ``SCHED_BATCH`` (Linux): woken by a send, it then never preempts
+    the caller's thread, which finishes its call first (halves the paced call's p50, measured)."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is not None:
+        try:
+            ctx.set(zmq.THREAD_SCHED_POLICY, policy)
+            ctx.set(zmq.THREAD_PRIORITY, 0)
+        except (AttributeError, zmq.ZMQError):
+            pass
 
 
 class Producer:
@@ -246,6 +259,8 @@ class Producer:
     def poll_acks(self) -> None:
         """Read the agent's acknowledgements and announcements: forget what it stored, and send
         again what a new agent (another incarnation) never got."""
+        if not self.acks.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
         recv = self.acks.recv_multipart
         while True:
             try:
@@ -365,6 +380,7 @@ class Transport:
         self.stale = False
         load_zmq()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        _batch_io_thread(self.ctx)
         self._local = threading.local()
         self._producers: list[Producer] = []
         self._lock = threading.Lock()
