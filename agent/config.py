@@ -40,7 +40,11 @@ class AgentConfig:
     dash_url: str = ""
     """ML-Dash server every run ships to (a run's own ``dash_url`` wins); empty: only runs that ask."""
     dash_token_file: str = ""
-    """File holding the token for ``dash_url`` (a run's own token wins)."""
+    """File holding the token for ``dash_url`` (a run's own token wins); re-read when it changes."""
+    dash_timeout_s: float = 30.0
+    """The agent's own deadline for one request to an ML-Dash server, connecting included."""
+    dash_retry_max_s: float = 30.0
+    """Longest backoff between retries to an ML-Dash server (a longer ``Retry-After`` is still honoured)."""
     archive_uri: str = ""
     """``s3://bucket/prefix`` or ``file:///path``: every run also goes there as Parquet; empty: off."""
     archive_endpoint: str = ""
@@ -51,12 +55,14 @@ class AgentConfig:
     """An archive object is written once it has this many rows, this many bytes, this age, or its run ended."""
 
     def sink_specs(self) -> list[str]:
-        """The sinks to run, in order, each once."""
+        """The sinks to run, in order, each once; ``dash`` always (a run may name its own server)."""
         specs: list[str] = []
         for spec in self.sinks.split(","):
             spec = spec.strip()
             if spec and spec not in specs:
                 specs.append(spec)
+        if "dash" not in specs:
+            specs.append("dash")
         return specs
 
 
