@@ -309,6 +309,8 @@ class DashSink:
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {}
         self._delivered = 1 << 62
+        self._last_request = self._last_request_saved = 0.0
+        self._counters_saved: dict[str, int] = {}
         self._backlog: tuple[int, int, float | None] = (0, 0, None)
 
     # ---------------------------------------------------------------- loading
@@ -317,10 +319,16 @@ class DashSink:
         if self._loaded and self._clean:
             return
         self._gen += 1
+        first = not self._loaded
         self.runs = {k[2:].decode(): RunRec.from_state(k[2:].decode(), v) for k, v in state.items(b"r:")}
         self.active = {p for p, r in self.runs.items() if not r.done}
         self.series = {k[2:]: Series.from_state(k[2:], v) for k, v in state.items(b"s:")}
         self.counters = dict(state.get(b"k:", {}))
+        self._counters_saved = dict(self.counters)
+        # Requests the previous agent sent just before it died may still be on the server's side:
+        # read back only once they must have ended (the request deadline after the last one sent).
+        last = float(state.get(b"k:t", 0.0))
+        resume = time.monotonic() + max(0.0, last + self.timeout_s + 1.0 - time.time()) if first else 0.0
         self.units = sum(s.units for s in self.series.values())
         self.size = sum(s.size for s in self.series.values())
         busy = {j.sid for j in self.jobs.values() if j.sid}
@@ -328,6 +336,8 @@ class DashSink:
         for s in self.series.values():
             s.verify = s.units > 0 and s.kind != PARAMS
             s.busy = s.sid in busy
+            if s.units:
+                s.next_at = max(s.next_at, resume)
         for path in busy_runs:
             if path in self.runs:
                 self.runs[path].busy = True
@@ -381,6 +391,12 @@ class DashSink:
         self._clean = True
 
     def _stage_touched(self, state: SinkState) -> None:
+        if self._last_request > self._last_request_saved:
+            state.put(b"k:t", self._last_request)
+            self._last_request_saved = self._last_request
+        if self.counters != self._counters_saved:
+            state.put(b"k:", self.counters)
+            self._counters_saved = dict(self.counters)
         for sid in self._touched_series:
             s = self.series.get(sid)
             if s is None:
@@ -599,7 +615,7 @@ class DashSink:
                 continue
             srv = self._server(rec.url)
             if _fp(self._token(rec)) in srv.parked:
-                t = now + TOKEN_CHECK_S
+                t = self._token_checked + TOKEN_CHECK_S
             elif rec.eid is None or (rec.final_seq and not rec.done and path not in waiting):
                 t = max(rec.next_at, srv.next_at)
             else:
@@ -612,7 +628,7 @@ class DashSink:
             if owner is None or owner.eid is None:
                 continue
             srv = self._server(owner.url)
-            t = now + TOKEN_CHECK_S if _fp(self._token(owner)) in srv.parked else max(s.next_at, srv.next_at)
+            t = self._token_checked + TOKEN_CHECK_S if _fp(self._token(owner)) in srv.parked else max(s.next_at, srv.next_at)
             due = t if due is None else min(due, t)
         return due
 
@@ -692,6 +708,7 @@ class DashSink:
         self.jobs[self._next_job] = job
         url = rec.url + path
         self.pool.submit(Request(self._next_job, method, url, self._headers(rec, key), body, self.timeout_s))
+        self._last_request = time.time()
         self.counters["requests"] = self.counters.get("requests", 0) + 1
         log.debug("dash: %s %s", method, path)
 

@@ -25,7 +25,8 @@ from dashcar.agent.sinks.dash import UNNAMED_METRIC, DashSink, encode, split_pre
 from dashcar.agent.sinks.http import retry_after_s
 from dashcar.agent.sinks.runner import Runner
 from dashcar.agent.wal import Wal
-from dashcar.proto import Frame, Kind, Log, Meta, Metric, Params, RunClose, RunOpen, Track, encode as encode_frame
+from dashcar.proto import Frame, Kind, Log, Meta, Metric, Params, RunClose, RunOpen, Track
+from dashcar.proto import encode as encode_frame
 from tests.conftest import wait_until
 from tests.fakes.mldash_server import Experiment, FakeMlDash
 
@@ -181,7 +182,7 @@ def test_calls_follow_the_reference_client_and_every_point_lands_once(rigs: list
     assert TOKEN not in json.dumps(st)
 
 
-FAULTS = [
+FAULTS: list[tuple[str, str, dict[str, Any]]] = [
     ("/metrics/a/append-batch$", "store_then_fail", {}),
     ("/metrics/b/append-batch$", "empty", {}),
     ("/metrics/c/append-batch$", "store_then_reset", {}),
@@ -306,9 +307,9 @@ def test_a_runs_newer_token_unparks_it(rigs: list[Rig], tmp_path: Path, server: 
     rig = Rig(tmp_path)
     rigs.append(rig)
     prefix = "alice/newtoken/run"
-    rig.send(5, prefix, open_frames(server.url, token="stale") + [(Kind.METRIC, Metric("m", [{"i": 0, "_ts": 0.0}]))])
+    rig.send(5, prefix, [*open_frames(server.url, token="stale"), (Kind.METRIC, Metric("m", [{"i": 0, "_ts": 0.0}]))])
     wait_until(lambda: (rig.status()["error"] or "").startswith("parked"), 10, "the sink parked")
-    rig.send(6, prefix, open_frames(server.url) + [(Kind.RUN_CLOSE, RunClose("completed", None, 0))])
+    rig.send(6, prefix, [*open_frames(server.url), (Kind.RUN_CLOSE, RunClose("completed", None, 0))])
     rig.send(5, prefix, [(Kind.RUN_CLOSE, RunClose("completed", None, 0))])
     wait_until(lambda: finished(server, prefix), 15, "the run shipped with the newer token")
     assert exp_of(server, prefix).metrics["m"] == [{"i": 0, "_ts": 0.0}]

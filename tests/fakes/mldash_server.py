@@ -138,6 +138,8 @@ class FakeMlDash:
         self.idem_busy: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.stalled = 0
+        """Requests held by a ``stall`` fault right now (a test kills the client while this is > 0)."""
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
@@ -449,7 +451,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset() if fault.action == "reset" else self._drop()
             return
         if fault is not None and fault.action == "stall":
+            with fake.lock:
+                fake.stalled += 1
             fake.stopping.wait(fault.stall_s)
+            with fake.lock:
+                fake.stalled -= 1
             if not fault.store_after_stall:
                 self._drop()
                 return
