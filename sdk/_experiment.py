@@ -66,11 +66,9 @@ _open_lock = threading.Lock()
 class Experiment:
     """One run: ``Experiment(prefix="owner/project/name", dash_root=".dash")``.
 
-    ``dash_url="https://..."`` (or ``True``: ``$ML_DASH_API_URL``, else ``https://api.dash.ml``)
-    has the agent send the run to that ML-Dash server as well; ``dash_root=None`` with it keeps
-    no local files (remote only; reading the run back then raises ``ConfigError``). The token is
-    ``$DASHCAR_DASH_TOKEN``, else the one the ml-dash CLI stored (keyring, ``~/.dash``). The
-    training script never waits for the server or sees its errors: ``docs/remote.md``.
+    ``dash_url="https://..."`` (``True``: ``$ML_DASH_API_URL`` or ``https://api.dash.ml``) has the
+    agent send the run to that ML-Dash server too, with ``$DASHCAR_DASH_TOKEN`` or the ml-dash
+    CLI's token; ``dash_root=None`` then keeps no local files (reads raise ``ConfigError``).
 
     The prefix may hold template fields (``{EXP.name}``, ``{now:%Y-%m-%d}``, ...: see ``RUN``);
     without one it is derived from ``RUN.prefix`` when the run first needs it. The seed spelling
