@@ -51,6 +51,7 @@ def _producer(env: dict[str, str], root: str, tag: str, idx: int, n: int, ready:
         track.append(**_fields(i), _ts=i * 0.001)
     from dashcar import _transport
 
+    assert exp._runtime_dir is not None
     out.put(_transport.get_transport(exp._runtime_dir).dropped())
     exp.complete()
 
@@ -149,9 +150,11 @@ def backlog(producers: int, frames: int) -> dict[str, Any]:
         procs, go, out = _start(agent, "backlog", producers, frames)
         total = producers * frames
         go.set()
+        total -= sum(out.get(timeout=600) for _ in procs)
         for p in procs:
             p.join(120)
-        while agent.status()["sinks"]["dash"]["lag"]["frames"] < total:
+        deadline = time.monotonic() + 600
+        while agent.status()["sinks"]["dash"]["lag"]["frames"] < total and time.monotonic() < deadline:
             time.sleep(0.05)
         server = Server(port)
         try:

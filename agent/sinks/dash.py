@@ -55,7 +55,7 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 
-from .. import merge
+from .. import layout, merge
 from ..book import iso
 from ..errors import SinkRetryable
 from ..stream import FlushedItem, Item, ItemKind, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
@@ -354,6 +354,7 @@ class DashSink:
         self._check_token_file(now)
         pool = self.pool
         if not batches and pool is not None and pool.in_flight and not pool.ready() and not self._dispatchable(now):
+            # Called only to collect replies: wait for one here rather than have the runner call again at once.
             pool.wait(REPLY_WAIT_S)
         self._collect(state)
         if batches and self.size >= self.max_bytes:
@@ -500,9 +501,17 @@ class DashSink:
         elif isinstance(item, RowsItem):
             rows = item.rows
             assert rows is not None, "the runner hands over materialized rows"
-            entries = [{"timestamp": ts, **r} for ts, r in zip(item.stamps, rows, strict=True)]
-            for i in range(0, len(entries), TRACK_BATCH):
-                self._track_chunks(rec, item.topic, entries[i:i + TRACK_BATCH], out)
+            stamps = item.stamps
+            # The local files' lines are the entries the server takes: encoded once for both.
+            encoded = layout.track_lines(stamps, rows).split(b"\n")[:-1]
+            for i in range(0, len(rows), TRACK_BATCH):
+                data = b",".join(encoded[i:i + TRACK_BATCH])
+                n = min(TRACK_BATCH, len(rows) - i)
+                if len(encoded) != len(rows) or len(data) > MAX_BODY_BYTES or b"NaN" in data or b"Infinity" in data:
+                    chunk = [{"timestamp": ts, **r} for ts, r in zip(stamps[i:i + n], rows[i:i + n], strict=True)]
+                    self._track_chunks(rec, item.topic, chunk, out)
+                else:
+                    out.append((TRACK, item.topic, n, stamps[i], stamps[i + n - 1], data))
         elif isinstance(item, LogsItem):
             lines = []
             for t, level, message, metadata in item.entries:
@@ -602,6 +611,9 @@ class DashSink:
         return srv.next_at > now or _fp(self._token(rec)) in srv.parked
 
     def _dispatchable(self, now: float) -> bool:
+        """True if a request could go now (due, and room for one more in flight)."""
+        if self.pool is not None and self.pool.in_flight >= MAX_IN_FLIGHT:
+            return False
         due = self._next_due(now)
         return due is not None and due <= now
 
@@ -681,16 +693,25 @@ class DashSink:
     def _head(self, state: SinkState, s: Series) -> list[_Entry]:
         """The committed entries the series' next request carries."""
         cap = {METRIC: METRIC_BATCH, TRACK: TRACK_BATCH, LOGS: LOG_BATCH, PARAMS: PARAMS_BATCH}[s.kind]
-        out: list[_Entry] = []
-        units = size = 0
-        for k, v in state.items(b"q:" + s.sid, limit=HEAD_ENTRIES):
-            n, data = v[0], v[4]
-            if out and (units + n > cap or size + len(data) > MAX_BODY_BYTES):
-                break
-            out.append((k[2:], v))
-            units += n
-            size += len(data)
-        return out
+        limit = 2
+        while True:
+            # Entries are read in growing pages: most requests take one or two of them, and a long
+            # backlog must not be copied out of the store for each request.
+            page = state.items(b"q:" + s.sid, limit=limit)
+            out: list[_Entry] = []
+            units = size = 0
+            full = False
+            for k, v in page:
+                n, data = v[0], v[4]
+                if out and (units + n > cap or size + len(data) > MAX_BODY_BYTES):
+                    full = True
+                    break
+                out.append((k[2:], v))
+                units += n
+                size += len(data)
+            if full or len(page) < limit or limit >= HEAD_ENTRIES:
+                return out
+            limit *= 8
 
     def _headers(self, rec: RunRec, key: str | None = None) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -713,6 +734,8 @@ class DashSink:
         log.debug("dash: %s %s", method, path)
 
     def _key(self, rec: RunRec, *parts: object, body: bytes = b"") -> str:
+        """An ``Idempotency-Key``: the run, then what identifies the request's content (a series' stream
+        range and unit count, which a read-back that trims an entry changes; or a setup call's body)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{rec.url}\0{rec.prefix}".encode("utf-8", "surrogatepass"))
         for p in parts:
@@ -796,7 +819,7 @@ class DashSink:
             body, path = b'{"data":' + encode(data)[0] + b"}", base
         s.busy = True
         job = Job(self._gen, "data", rec.path, s.sid, entries, units, meta)
-        self._submit(rec, job, "POST", path, body, self._key(rec, s.kind, s.name, entries[0][0], entries[-1][0], body=body))
+        self._submit(rec, job, "POST", path, body, self._key(rec, s.kind, s.name, entries[0][0], entries[-1][0], units, meta))
 
     def _submit_check(self, rec: RunRec, s: Series, entries: list[_Entry] | None) -> None:
         """Read back what the server holds of the series (its count, or the head request's rows)."""
@@ -863,7 +886,8 @@ class DashSink:
         if job.what in ("setup", "node", "status"):
             self._apply_run(state, rec, job, reply, outcome, body, retry_after, now, detail)
             return
-        assert s is not None
+        if s is None:
+            return
         if outcome in (Outcome.AMBIGUOUS, Outcome.RETRY):
             if outcome is Outcome.AMBIGUOUS and job.what == "data" and s.kind != PARAMS:
                 s.verify = True

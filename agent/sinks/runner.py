@@ -116,6 +116,7 @@ class Runner:
         self._scanned = 0
         self._closing = False
         self._opened = False
+        self._starved = False
         self.hold_frames: int = getattr(sink, "hold_frames", 0)
         self.hold_s: float = getattr(sink, "hold_s", 0.0)
         self.max_frames: int = getattr(sink, "max_frames", FRAMES_PER_SEND)
@@ -160,7 +161,9 @@ class Runner:
             if wait is None:
                 continue
             with self.core.cond:
-                if not self.stopping.is_set():
+                # A batch the core numbered but had not committed when ``step`` looked is announced
+                # on this condition: wait for it instead of asking again and again.
+                if not self.stopping.is_set() and not (self._starved and self.cursor + 1 in self.core.recent):
                     self.core.cond.wait(wait)
             if self._opened and (due := self._pending()) is not None and due <= 0:
                 self._deliver([])
@@ -174,9 +177,11 @@ class Runner:
             return False
         if self._skip_to > self.cursor:
             self._skip()
+        self._starved = False
         if self._holding():
             return False
         batches = self.core.batches(self.cursor, BATCHES_PER_SEND, self.max_frames)
+        self._starved = not batches
         return bool(batches) and self._deliver(batches)
 
     def _holding(self) -> bool:
@@ -206,7 +211,7 @@ class Runner:
                 if due <= 0:
                     return None
                 wait = min(wait, due)
-        elif self.core.out_seq > self.cursor and not self.stopping.is_set():
+        elif self.core.out_seq > self.cursor and not self.stopping.is_set() and not self._starved:
             return None
         pending = self._pending() if self._opened else None
         return wait if pending is None else max(0.0, min(wait, pending))
