@@ -136,6 +136,7 @@ def test_calls_follow_the_reference_client_and_every_point_lands_once(rigs: list
         frames.append((Kind.METRIC, Metric("train/loss", [{"v": i, "_ts": 2000.0 + i}])))
     frames.append((Kind.METRIC, Metric(None, [{"epoch": 1, "_ts": 3000.0}])))
     frames.append((Kind.METRIC, Metric("nan", [{"v": float("nan"), "w": float("inf"), "_ts": 3001.0}])))
+    frames.append((Kind.METRIC, Metric("session/loss", [{"v": 0.5, "_ts": 3002.0}], "tracks")))
     for i in range(250):
         frames.append((Kind.LOG, Log(f"line {i}", "info", 1_700_000_000.0 + i, {"i": i} if i % 2 else None)))
     rig.send(7, prefix, frames)
@@ -163,6 +164,7 @@ def test_calls_follow_the_reference_client_and_every_point_lands_once(rigs: list
     assert [p["v"] for p in e.metrics["train/loss"]] == list(range(30)), "a name with / arrives encoded"
     assert e.metrics[UNNAMED_METRIC] == [{"epoch": 1, "_ts": 3000.0}] and "None" not in e.metrics
     assert e.metrics["nan"] == [{"v": None, "w": None, "_ts": 3001.0}], "NaN and Inf are sent as null"
+    assert e.metrics["session/loss"] == [{"v": 0.5, "_ts": 3002.0}], "a DreamLake index-based track goes as a metric"
     rows = e.tracks["robot/state"]
     assert [r["timestamp"] for r in rows] == [i * 0.01 for i in range(2500)], "one merged row per timestamp, in order"
     assert rows[3] == {"timestamp": 0.03, "q": [0.1, 0.2], "pose.x": 3, "dq": [1.0, -1.0]}
