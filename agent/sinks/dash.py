@@ -1,8 +1,8 @@
 """The ML-Dash sink: runs → an ML-Dash server over HTTP, each point once, through outages and crashes.
 
 A run ships to its own server (``Experiment(dash_url=...)``) or to the agent's (``dash_url``);
-other runs cost this sink one look at their ``RunItem``. The calls are the real client's
-(``ML_DASH-REMOTE``): ``POST /graphql`` GetProject, the PROJECT/FOLDER/EXPERIMENT nodes,
+other runs cost this sink one look at their ``RunItem``. The calls are those of the ``ml-dash``
+0.11 client (``docs/remote.md``): ``POST /graphql`` GetProject, the PROJECT/FOLDER/EXPERIMENT nodes,
 then parameters, logs (≤ 100 a request), metric points (≤ 1000) and track rows (≤ 1000 and
 ≤ 4 MiB), and the status ``PATCH`` last, once everything else of the run was acknowledged.
 
@@ -247,6 +247,8 @@ class Server:
     error: str | None = None
     parked: dict[str, str] = field(default_factory=dict)
     """Token fingerprint → why the server refused it."""
+    probing: bool = False
+    """While it is unreachable, one request at a time finds out whether it is back."""
     warned_plain: bool = False
 
 
@@ -266,6 +268,7 @@ class Job:
     method: str = ""
     path: str = ""
     timeout_s: float = 0.0
+    url: str = ""
 
 
 def series_id(run: str, kind: str, name: str) -> bytes:
@@ -606,9 +609,20 @@ class DashSink:
                 log.warning("dash: %s is plain http: its token crosses the network unencrypted", public_url(url))
         return srv
 
+    def _ready_at(self, rec: RunRec, own: float) -> float | None:
+        """When a request of ``rec`` (itself due at ``own``) may go: None while a probe of its
+        unreachable server is under way; a parked token is looked at again with the token file."""
+        srv = self._server(rec.url)
+        if _fp(self._token(rec)) in srv.parked:
+            return self._token_checked + TOKEN_CHECK_S
+        if srv.error is not None and srv.probing:
+            return None
+        return max(own, srv.next_at)
+
     def _blocked(self, rec: RunRec, now: float) -> bool:
         srv = self._server(rec.url)
-        return srv.next_at > now or _fp(self._token(rec)) in srv.parked
+        return (srv.next_at > now or _fp(self._token(rec)) in srv.parked
+                or (srv.error is not None and srv.probing))
 
     def _dispatchable(self, now: float) -> bool:
         """True if a request could go now (due, and room for one more in flight)."""
@@ -623,25 +637,20 @@ class DashSink:
         waiting = self._waiting_runs()
         for path in self.active:
             rec = self.runs[path]
-            if rec.busy or rec.refused:
+            if rec.busy or rec.refused or not (rec.eid is None or (rec.final_seq and not rec.done and path not in waiting)):
                 continue
-            srv = self._server(rec.url)
-            if _fp(self._token(rec)) in srv.parked:
-                t = self._token_checked + TOKEN_CHECK_S
-            elif rec.eid is None or (rec.final_seq and not rec.done and path not in waiting):
-                t = max(rec.next_at, srv.next_at)
-            else:
-                continue
-            due = t if due is None else min(due, t)
+            t = self._ready_at(rec, rec.next_at)
+            if t is not None:
+                due = t if due is None else min(due, t)
         for s in self.series.values():
             if s.units - s.staged <= 0 or s.busy or s.dirty:
                 continue
             owner = self.runs.get(s.run)
             if owner is None or owner.eid is None:
                 continue
-            srv = self._server(owner.url)
-            t = self._token_checked + TOKEN_CHECK_S if _fp(self._token(owner)) in srv.parked else max(s.next_at, srv.next_at)
-            due = t if due is None else min(due, t)
+            t = self._ready_at(owner, s.next_at)
+            if t is not None:
+                due = t if due is None else min(due, t)
         return due
 
     def _waiting_runs(self) -> set[str]:
@@ -724,8 +733,11 @@ class DashSink:
 
     def _submit(self, rec: RunRec, job: Job, method: str, path: str, body: bytes | None, key: str | None = None) -> None:
         assert self.pool is not None
+        srv = self._server(rec.url)
+        if srv.error is not None:
+            srv.probing = True
         self._next_job += 1
-        job.method, job.path, job.timeout_s = method, path, self.timeout_s
+        job.method, job.path, job.timeout_s, job.url = method, path, self.timeout_s, rec.url
         self.jobs[self._next_job] = job
         url = rec.url + path
         self.pool.submit(Request(self._next_job, method, url, self._headers(rec, key), body, self.timeout_s))
@@ -848,6 +860,8 @@ class DashSink:
 
     def _apply(self, state: SinkState, job: Job, reply: Reply) -> None:
         now = time.monotonic()
+        if (probed := self.servers.get(job.url)) is not None:
+            probed.probing = False
         rec = self.runs.get(job.run)
         s = self.series.get(job.sid) if job.sid else None
         if s is not None:
