@@ -33,8 +33,9 @@ from urllib.parse import urlsplit
 import orjson
 
 MAX_REPLY_BYTES: Final = 64 << 20
-IDLE_CLOSE_S: Final = 30.0
-"""A kept-alive connection idle this long is closed before the next request, not reused."""
+IDLE_CLOSE_S: Final = 4.0
+"""A kept-alive connection idle this long is closed before the next request, not reused: many
+servers close idle connections after 5 s, and a request sent on one they closed is ambiguous."""
 _LOOPBACK: Final = frozenset(("localhost", "127.0.0.1", "::1"))
 
 

@@ -332,6 +332,22 @@ def test_a_restarted_sink_resumes_without_creating_the_run_again(rigs: list[Rig]
     assert len(server.calls("POST", "/nodes$")) == 3 and len(server.calls("POST", "/graphql")) == 1, "no second setup"
 
 
+def test_a_run_reopened_after_it_ended_continues_on_the_same_experiment(rigs: list[Rig], tmp_path: Path,
+                                                                        server: FakeMlDash) -> None:
+    rig = Rig(tmp_path)
+    rigs.append(rig)
+    prefix = "alice/reopen/run"
+    first = [(Kind.METRIC, Metric("m", [{"i": i, "_ts": 0.0}])) for i in range(10)]
+    rig.send(1, prefix, [*open_frames(server.url), *first, (Kind.RUN_CLOSE, RunClose("completed", None, 0))])
+    wait_until(lambda: finished(server, prefix) and not rig.sink.active, 10, "first part marked")
+    second = [(Kind.METRIC, Metric("m", [{"i": i, "_ts": 0.0}])) for i in range(10, 20)]
+    rig.send(2, prefix, [*open_frames(server.url), *second, (Kind.RUN_CLOSE, RunClose("failed", "boom", 0))])
+    wait_until(lambda: (e := server.store.by_prefix(prefix)) is not None and e.status == "FAILED", 10, "second part marked")
+    assert [p["i"] for p in exp_of(server, prefix).metrics["m"]] == list(range(20))
+    assert len(server.store.experiments) == 1 and len(server.calls("PATCH")) == 2
+    assert len(server.calls("POST", "/nodes$")) == 1, "the experiment's ids were kept"
+
+
 def test_a_missing_namespace_dead_letters_the_run(rigs: list[Rig], tmp_path: Path, server: FakeMlDash) -> None:
     server.store.missing_namespaces.add("nobody")
     rig = Rig(tmp_path)
