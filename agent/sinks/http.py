@@ -149,10 +149,12 @@ class Watchdog:
             self._cond.notify()
         return n
 
-    def disarm(self, n: int) -> None:
-        """The request ended in time."""
+    def disarm(self, n: int) -> bool:
+        """The request ended; True if its deadline had shut the socket down first."""
         with self._cond:
+            fired = n not in self._live
             self._live.discard(n)
+            return fired
 
     def close(self) -> None:
         """Stop the thread."""
@@ -303,24 +305,28 @@ class Pool:
         sock = conn.sock
         assert sock is not None
         armed = self._watchdog.arm(sock, deadline)
+        late = f"no answer within {req.timeout_s:g}s"
         try:
             headers = {"User-Agent": self.user_agent, **req.headers}
             conn.request(req.method, target, body=req.body, headers=headers)
             resp = conn.getresponse()
             body = resp.read(MAX_REPLY_BYTES + 1)
-            if len(body) > MAX_REPLY_BYTES:
-                conn.close()
-                return Reply(req.tag, 0, error=f"answer larger than {MAX_REPLY_BYTES} bytes", sent=True)
-            reply_headers = {k.lower(): v for k, v in resp.getheaders()}
-            if resp.will_close:
-                conn.close()
-            else:
-                conns[key] = (conn, time.monotonic())
-            return Reply(req.tag, resp.status, reply_headers, body)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            late = time.monotonic() >= deadline
-            what = f"no answer within {req.timeout_s:g}s" if late else f"connection lost: {type(exc).__name__}: {exc}"
-            return Reply(req.tag, 0, error=what, sent=True, timed_out=late)
-        finally:
-            self._watchdog.disarm(armed)
+            if self._watchdog.disarm(armed) or isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
+                return Reply(req.tag, 0, error=late, sent=True, timed_out=True)
+            return Reply(req.tag, 0, error=f"connection lost: {type(exc).__name__}: {exc}", sent=True)
+        if self._watchdog.disarm(armed):
+            # The deadline cut the connection: what was read may look whole (an answer that ends
+            # at the connection's end) but is not.
+            conn.close()
+            return Reply(req.tag, 0, error=late, sent=True, timed_out=True)
+        if len(body) > MAX_REPLY_BYTES:
+            conn.close()
+            return Reply(req.tag, 0, error=f"answer larger than {MAX_REPLY_BYTES} bytes", sent=True)
+        reply_headers = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.will_close:
+            conn.close()
+        else:
+            conns[key] = (conn, time.monotonic())
+        return Reply(req.tag, resp.status, reply_headers, body)
