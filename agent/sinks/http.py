@@ -296,6 +296,10 @@ class Pool:
             except (OSError, http.client.HTTPException) as exc:
                 return Reply(req.tag, 0, error=f"cannot connect to {host}:{port}: {exc}", sent=False,
                              timed_out=time.monotonic() >= deadline)
+            if time.monotonic() >= deadline:
+                conn.close()
+                return Reply(req.tag, 0, error=f"cannot connect to {host}:{port} within {req.timeout_s:g}s", sent=False,
+                             timed_out=True)
             if absolute:
                 target = req.url
         else:
