@@ -296,6 +296,8 @@ class DashSink:
         self.units = 0
         self.size = 0
         self.counters: dict[str, int] = {}
+        self.nonfinite_by_run: dict[str, int] = {}
+        self.refused_runs: dict[str, str] = {}
         self.jobs: dict[int, Job] = {}
         self.pool: Pool | None = None
         self._next_job = 0
@@ -325,6 +327,8 @@ class DashSink:
         first = not self._loaded
         self.runs = {k[2:].decode(): RunRec.from_state(k[2:].decode(), v) for k, v in state.items(b"r:")}
         self.active = {p for p, r in self.runs.items() if not r.done}
+        self.nonfinite_by_run = {p: r.nonfinite for p, r in self.runs.items() if r.nonfinite}
+        self.refused_runs = {p: r.refused for p, r in self.runs.items() if r.refused}
         self.series = {k[2:]: Series.from_state(k[2:], v) for k, v in state.items(b"s:")}
         self.counters = dict(state.get(b"k:", {}))
         self._counters_saved = dict(self.counters)
@@ -549,6 +553,7 @@ class DashSink:
         data, n = encode(value)
         if n:
             rec.nonfinite += n
+            self.nonfinite_by_run[rec.path] = rec.nonfinite
             self.counters["nonfinite"] = self.counters.get("nonfinite", 0) + n
             self._touched_runs.add(rec.path)
         return data
@@ -1077,7 +1082,7 @@ class DashSink:
                 self._refusals.append((job, reason))
                 return
             log.warning("dash: run=%s refused by %s (%s); its data goes to dead letters", rec.path, public_url(rec.url), reason)
-            rec.refused = reason
+            rec.refused = self.refused_runs[rec.path] = reason
             self._touched_runs.add(rec.path)
             return
         wait = backoff(rec.attempt, base_s=BACKOFF_BASE_S, cap_s=self.retry_max_s)
@@ -1094,7 +1099,7 @@ class DashSink:
                 return f"GraphQL errors: {str(body['errors'])[:200]}"
             ns = (body.get("data") or {}).get("namespace")
             if ns is None:
-                rec.refused = f"namespace {split_prefix(rec.prefix)[0]!r} not found on the server"
+                rec.refused = self.refused_runs[rec.path] = f"namespace {split_prefix(rec.prefix)[0]!r} not found on the server"
                 log.warning("dash: run=%s: %s; its data goes to dead letters", rec.path, rec.refused)
                 return None
             project = split_prefix(rec.prefix)[1]
@@ -1143,6 +1148,8 @@ class DashSink:
         if len(finished) > MAX_CLOSED_RUNS:
             for old in sorted(finished, key=lambda r: r.closed)[: len(finished) - MAX_CLOSED_RUNS]:
                 del self.runs[old.path]
+                self.nonfinite_by_run.pop(old.path, None)
+                self.refused_runs.pop(old.path, None)
                 self._touched_runs.add(old.path)
 
     # ------------------------------------------------------------ dead letters
@@ -1277,8 +1284,8 @@ class DashSink:
                 "retrying_series": retrying,
                 "outbox": {"units": self.units, "bytes": self.size, "max_bytes": self.max_bytes},
                 "counters": dict(self.counters),
-                "nonfinite_by_run": {p: r.nonfinite for p, r in self.runs.items() if r.nonfinite},
-                "refused_runs": {p: r.refused for p, r in self.runs.items() if r.refused},
+                "nonfinite_by_run": dict(self.nonfinite_by_run),
+                "refused_runs": dict(self.refused_runs),
             },
         }
         if errors:
