@@ -65,7 +65,11 @@ class AgentConfig:
     dash_url: str = ""
     """ML-Dash server every run ships to (a run's own ``dash_url`` wins); empty: only runs that ask."""
     dash_token_file: str = ""
-    """File holding the token for ``dash_url`` (a run's own token wins)."""
+    """File holding the token for ``dash_url`` (a run's own token wins); re-read when it changes."""
+    dash_timeout_s: float = 30.0
+    """The agent's own deadline for one request to an ML-Dash server, connecting included."""
+    dash_retry_max_s: float = 30.0
+    """Longest backoff between retries to an ML-Dash server (a longer ``Retry-After`` is still honoured)."""
     archive_uri: str = ""
     """``s3://bucket/prefix`` or ``file:///path``: every run also goes there as Parquet; empty: off."""
     archive_endpoint: str = ""
@@ -80,12 +84,15 @@ class AgentConfig:
     """An archive upload that takes longer is abandoned and retried (pyarrow's own stall timeouts run far longer)."""
 
     def sink_specs(self) -> list[str]:
-        """The sinks to run, in order, each once; ``archive`` too when ``archive_uri`` is set."""
+        """The sinks to run, in order, each once; ``dash`` always (a run may name its own server),
+        ``archive`` too when ``archive_uri`` is set."""
         specs: list[str] = []
         for spec in self.sinks.split(","):
             spec = spec.strip()
             if spec and spec not in specs:
                 specs.append(spec)
+        if "dash" not in specs:
+            specs.append("dash")
         if self.archive_uri and "archive" not in specs:
             specs.append("archive")
         return specs

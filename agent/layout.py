@@ -12,6 +12,8 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -98,7 +100,37 @@ def track_line(ts: float, fields: dict[str, Any]) -> bytes:
 _ROW_SEP = b'},{"timestamp":'
 
 
+MEMO_BYTES = 8 << 20
+_memo: OrderedDict[int, tuple[list[float], int, bytes]] = OrderedDict()
+_memo_bytes = 0
+_memo_lock = threading.Lock()
+
+
 def track_lines(stamps: list[float], rows: list[dict[str, Any]]) -> bytes:
+    """``encode_track_lines``, remembered for the last few settled row lists (``MEMO_BYTES`` of lines).
+
+    Every sink that writes a stream item's rows as JSON (the local files, an ML-Dash batch) gets
+    the same bytes, so they are encoded once. An item's ``stamps`` list is its identity: one is
+    never shared by two lists of different rows, and the memo holds it, so its id is not reused.
+    """
+    global _memo_bytes
+    key = id(stamps)
+    with _memo_lock:
+        hit = _memo.get(key)
+    if hit is not None and hit[0] is stamps and hit[1] == len(rows):
+        return hit[2]
+    data = encode_track_lines(stamps, rows)
+    with _memo_lock:
+        old = _memo.pop(key, None)
+        _memo_bytes -= len(old[2]) if old is not None else 0
+        _memo[key] = (stamps, len(rows), data)
+        _memo_bytes += len(data)
+        while _memo_bytes > MEMO_BYTES and len(_memo) > 1:
+            _memo_bytes -= len(_memo.popitem(last=False)[1][2])
+    return data
+
+
+def encode_track_lines(stamps: list[float], rows: list[dict[str, Any]]) -> bytes:
     """The track lines of many rows at once: exactly what ``track_line`` gives each, joined.
 
     orjson encodes the whole list in one call (one call per row costs five times as much: each

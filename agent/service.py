@@ -60,7 +60,7 @@ from dashcar.proto import (
 from . import control, signals, systemd
 from .access import group_id
 from .config import AgentConfig, describe, root_allowed
-from .core import Core
+from .core import RECENT_BATCHES, Core
 from .ingest import IngestProcess, tune_gc
 from .sinks import Sink, load
 from .sinks.runner import Runner
@@ -72,6 +72,8 @@ AGENT_ROOT = "/"
 AGENT_PREFIX = "dashcar-agent"
 INGEST_START_TIMEOUT_S = 30.0
 CORE_BACKOFF_S = (0.05, 1.0)
+PACE_WAIT_S = 0.2
+"""The longest the core waits for a local sink at a time before it goes on anyway."""
 RATE_WINDOW_S: Final = 5.0
 """Rates in ``status`` (and systemd's STATUS=) are averages over this many seconds."""
 LOSS_WINDOW_S: Final = 60.0
@@ -438,6 +440,7 @@ class Agent:
                 continue
             if batch is not None:
                 self._retain()
+                self._pace()
                 continue
             if self.stop_core.is_set() and not core.full:
                 while core.step(settle_all=True) is not None:
@@ -445,6 +448,19 @@ class Agent:
                 return
             self.wakeup.wait(min(0.05, self.cfg.merge_window_s / 4))
             self.wakeup.clear()
+
+    def _pace(self) -> None:
+        """Keep the core at most ``RECENT_BATCHES`` ahead of the local sinks that keep up: batches they
+        read from memory cost nothing more, while one read back from the store is merged again."""
+        head = self.core.out_seq
+        for r in self.runners:
+            if r.sink.barrier and r.error is None:
+
+                def caught_up(r: Runner = r) -> bool:
+                    return head - r.cursor < RECENT_BATCHES or r.error is not None or self.stop_core.is_set()
+
+                with r.cond:
+                    r.cond.wait_for(caught_up, PACE_WAIT_S)
 
     def _retain(self) -> None:
         """Near the WAL's cap, have lagging sinks that may skip jump over the older half of their backlog."""

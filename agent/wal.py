@@ -41,6 +41,7 @@ Failure behaviour
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -83,11 +84,19 @@ def unpack(raw: bytes) -> Any:
 
 
 def _open(path: Path, map_size: int, sync: bool) -> lmdb.Environment:
+    """Open an environment whose files only this user can read: the WAL and the state hold
+    whatever producers send, and the sink state holds the tokens of remote servers."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        return lmdb.open(str(path), map_size=map_size, max_dbs=6, sync=sync, metasync=sync, readahead=False)
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=6, sync=sync, metasync=sync, readahead=False, mode=0o600)
     except lmdb.Error as exc:
         raise WALCorrupt(f"cannot open {path}: {exc}") from exc
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            os.chmod(path / name, 0o600)
+        except FileNotFoundError:
+            pass
+    return env
 
 
 def _write(env: lmdb.Environment, fn: Callable[[lmdb.Transaction[bytes]], None]) -> None:
@@ -296,7 +305,7 @@ class Wal:
         return SinkState(self.state_env, self.sink, namespace)
 
 
-def _items(env: lmdb.Environment, db: Any, prefix: bytes) -> list[tuple[bytes, Any]]:
+def _items(env: lmdb.Environment, db: Any, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, Any]]:
     out: list[tuple[bytes, Any]] = []
     with env.begin(db=db) as txn:
         cur = txn.cursor()
@@ -305,6 +314,8 @@ def _items(env: lmdb.Environment, db: Any, prefix: bytes) -> list[tuple[bytes, A
                 if not k.startswith(prefix):
                     break
                 out.append((bytes(k), unpack(v)))
+                if limit is not None and len(out) >= limit:
+                    break
     return out
 
 
@@ -328,10 +339,10 @@ class SinkState:
             raw = txn.get(self.prefix + k)
         return default if raw is None else unpack(raw)
 
-    def items(self, prefix: bytes = b"") -> list[tuple[bytes, Any]]:
-        """Committed entries whose key starts with ``prefix``."""
+    def items(self, prefix: bytes = b"", limit: int | None = None) -> list[tuple[bytes, Any]]:
+        """Committed entries whose key starts with ``prefix`` (the first ``limit`` of them, in key order)."""
         n = len(self.prefix)
-        return [(k[n:], v) for k, v in _items(self.env, self.db, self.prefix + prefix)]
+        return [(k[n:], v) for k, v in _items(self.env, self.db, self.prefix + prefix, limit)]
 
     def put(self, k: bytes, value: object) -> None:
         """Stage ``k = value`` for the next commit."""

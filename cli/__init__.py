@@ -231,7 +231,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from dashcar import Experiment
 
-    exp = Experiment(prefix=args.prefix, dash_root=args.dash_root, runtime_dir=agent_dir(args))
+    options = {"dash_root": args.dash_root} if args.dash_root is not None else {}
+    exp = Experiment(prefix=args.prefix, runtime_dir=agent_dir(args), **options)
     rate: float = args.rate
     period = 1.0 / rate
     n = int(args.seconds * rate)

@@ -16,14 +16,13 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dashcar.proto import Kind, check_prefix, runtime_dir
+from dashcar.proto import ConfigError, Kind, check_prefix, runtime_dir
 
-from . import _agent, _logs, _transport
+from . import _agent, _logs, _remote, _transport
 from ._files import FilesAccessor
 from ._metrics import MetricsManager
 from ._params import ParamsBuilder
@@ -68,6 +67,10 @@ _open_lock = threading.Lock()
 class Experiment:
     """One run: ``Experiment(prefix="owner/project/name", dash_root=".dash")``.
 
+    ``dash_url="https://..."`` (``True``: ``$ML_DASH_API_URL`` or ``https://api.dash.ml``) has the
+    agent send the run to that ML-Dash server too, with ``$DASHCAR_DASH_TOKEN`` or the ml-dash
+    CLI's token; ``dash_root=None`` then keeps no local files (reads raise ``ConfigError``).
+
     The prefix may hold template fields (``{EXP.name}``, ``{now:%Y-%m-%d}``, ...: see ``RUN``);
     without one it is derived from ``RUN.prefix`` when the run first needs it. The seed spelling
     ``Experiment(name=..., project=..., local_path=...)`` stores the run at ``<project>/<name>``.
@@ -82,8 +85,9 @@ class Experiment:
     """
 
     __slots__ = (
-        "_prefix", "_dash_root", "description", "tags", "metadata", "echo_logs", "_runtime_dir_arg", "_runtime_dir",
-        "_transport", "_owner_pid", "_open", "_tls", "_coalesce_ms", "run", "params", "metrics", "tracks", "logs", "files",
+        "_prefix", "_dash_root", "_dash_url", "_local", "description", "tags", "metadata", "echo_logs", "_runtime_dir_arg",
+        "_runtime_dir", "_transport", "_owner_pid", "_open", "_tls", "_coalesce_ms", "run", "params", "metrics", "tracks",
+        "logs", "files",
     )
 
     def __init__(
@@ -94,7 +98,7 @@ class Experiment:
         description: str | None = None,
         tags: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
-        dash_root: str | os.PathLike[str] | None = None,
+        dash_root: str | os.PathLike[str] | None = ".dash",
         dash_url: str | bool | None = None,
         name: str | None = None,
         project: str | None = None,
@@ -105,16 +109,20 @@ class Experiment:
     ) -> None:
         if readme is not None and description is not None and readme != description:
             raise ValueError("readme= and description= are the same field; pass one of them")
-        if dash_url:
-            warnings.warn(
-                f"dash_url={dash_url!r} is ignored: dashcar writes the run under dash_root through the local agent",
-                UserWarning, stacklevel=2,
-            )
         self._open = False
         self._prefix = ""
         self._transport: _transport.Transport | None = None
-        root = dash_root if dash_root is not None else (local_path if local_path is not None else ".dash")
-        self._dash_root: str = os.path.normpath(os.path.abspath(os.fspath(root)))
+        self._dash_url = _remote.api_url(dash_url, os.environ) if dash_url else None
+        if local_path is not None and dash_root == ".dash":
+            dash_root = local_path
+        self._local = dash_root is not None
+        if dash_root is not None:
+            self._dash_root: str = os.path.normpath(os.path.abspath(os.fspath(dash_root)))
+        elif self._dash_url is not None:
+            self._dash_root = _remote.remote_root(self._dash_url)
+        else:
+            raise ValueError("dash_root=None keeps no local files, so the run needs dash_url='https://...' "
+                             "(an ML-Dash server) to go anywhere; pass one, or a dash_root")
         self.description = readme if readme is not None else description
         self.tags = list(tags) if tags else []
         self.metadata = dict(metadata) if metadata else None
@@ -178,13 +186,23 @@ class Experiment:
         self.description = value
 
     @property
-    def dash_root(self) -> str:
-        """The absolute data root the run is written under."""
-        return self._dash_root
+    def dash_root(self) -> str | None:
+        """The absolute data root the run is written under (None: remote only, no local files)."""
+        return self._dash_root if self._local else None
+
+    @property
+    def dash_url(self) -> str | None:
+        """The ML-Dash server the agent sends the run to (None: local files only)."""
+        return self._dash_url
 
     @property
     def run_dir(self) -> Path:
-        """Where the agent writes this run's files."""
+        """Where the agent writes this run's files; ``ConfigError`` for a run that keeps none."""
+        if not self._local:
+            raise ConfigError(
+                f"run {self.prefix!r} keeps no local files (dash_root=None): it is only on {self._dash_url}; "
+                "read it there, or give the run a dash_root to have local files as well"
+            )
         return Path(self._dash_root, *self.prefix.split("/"))
 
     def start(self) -> Experiment:
@@ -219,6 +237,8 @@ class Experiment:
             "argv": list(sys.argv),
             "started_at": time.time(),
         }
+        if self._dash_url is not None:
+            info.update(_remote.remote_info(self._dash_url, self._local, env))
         self._emit(Kind.RUN_OPEN, info)
         return self
 
@@ -329,7 +349,8 @@ class Experiment:
             _open_experiments.discard(self)
 
     def __repr__(self) -> str:
-        return f"Experiment(prefix={self._prefix or '(derived when first needed)'!r}, dash_root={self._dash_root!r})"
+        where = f"dash_root={self.dash_root!r}" + (f", dash_url={self._dash_url!r}" if self._dash_url else "")
+        return f"Experiment(prefix={self._prefix or '(derived when first needed)'!r}, {where})"
 
 
 def exit_status() -> tuple[str, str | None]:

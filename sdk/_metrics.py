@@ -198,6 +198,9 @@ class Series:
 
     def _reserve(self, n: int) -> int:
         if self._next_index is None:
+            if self._exp.dash_root is None:
+                self._next_index = 0
+                return 0
             self._exp._barrier()
             try:
                 stats = _read.series_stats(self._exp.run_dir, self._folder, self._name)

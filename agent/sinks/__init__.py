@@ -24,6 +24,7 @@ ingest then drops and counts) or let its cursor jump ahead (``skip``; counted pe
 
 REGISTRY: Final = {
     "jsonl": "dashcar.agent.sinks.jsonl:JsonlSink",
+    "dash": "dashcar.agent.sinks.dash:DashSink",
     "archive": "dashcar.agent.sinks.archive:ArchiveSink",
 }
 """Sink names and where their class lives; a ``module:Class`` spec works for any other sink."""
@@ -37,7 +38,13 @@ class Rejected(NamedTuple):
 
 
 class Sink(Protocol):
-    """What the runner needs of a sink."""
+    """What the runner needs of a sink.
+
+    Optional, read with ``getattr``: ``hold_frames``/``hold_s``, ``max_frames`` and ``pending()``
+    (see ``runner``); and for a sink that keeps an outbox of its own past its cursor,
+    ``delivered()`` (the last stream batch the other side holds all of: ``flush --remote`` waits
+    for it) and ``backlog()`` (frames, bytes and the oldest time it holds, added to its lag).
+    """
 
     name: str
     when_full: WhenFull

@@ -473,7 +473,7 @@ class JsonlSink:
             end = self._end(tpath, fs)
             pos, existing = layout.tail_rows(lambda a, b: self._read(tpath, a, b), end, first)
             merged, _ = merge.merge_rows([*existing, *zip(stamps, rows, strict=True)])
-            data = layout.track_lines([ts for ts, _ in merged], [f for _, f in merged])
+            data = layout.encode_track_lines([ts for ts, _ in merged], [f for _, f in merged])
             ov = self._send.overlays.get(tpath)
             if ov is not None and pos >= ov[0]:
                 del ov[1][pos - ov[0]:]

@@ -22,7 +22,10 @@ a run ends, the agent stops or a flush waits for them (an archive rolls objects 
 ``send([])`` while no batch comes (a sink with retries of its own); ``interrupt()`` (a remote sink)
 is called when the agent stops, so a send waiting on the network gives up at once. A send that staged nothing
 is committed at most once a second: ``cursor`` is what was delivered, ``durable`` what a
-restart resumes after; retention follows ``durable``.
+restart resumes after; retention follows ``durable``. A sink with an outbox of its own (the
+ML-Dash sink) says with ``delivered()`` and ``backlog()`` how far the other side really is:
+``wait_passed`` (``flush --remote``) waits for it, and its lag counts the outbox; its own
+``error`` and ``retry`` show in status while the runner has none.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class Runner:
         self._scanned = 0
         self._closing = False
         self._opened = False
+        self._starved = False
         self.hold_frames: int = getattr(sink, "hold_frames", 0)
         self.hold_s: float = getattr(sink, "hold_s", 0.0)
         self.max_frames: int = getattr(sink, "max_frames", FRAMES_PER_SEND)
@@ -128,6 +132,8 @@ class Runner:
         self._pending: Callable[[], float | None] = getattr(sink, "pending", lambda: None)
         if self.hold_frames or self.hold_s:
             core.subscribe(self._keep)
+        self._delivered: Callable[[], int] | None = getattr(sink, "delivered", None)
+        self._backlog: Callable[[], tuple[int, int, float | None]] | None = getattr(sink, "backlog", None)
         self._load()
 
     def _load(self) -> None:
@@ -166,7 +172,9 @@ class Runner:
             if wait is None:
                 continue
             with self.core.cond:
-                if not self.stopping.is_set():
+                # A batch the core numbered but had not committed when ``step`` looked is announced
+                # on this condition: wait for it instead of asking again and again.
+                if not self.stopping.is_set() and not (self._starved and self.cursor + 1 in self.core.recent):
                     self.core.cond.wait(wait)
             if self._opened and (due := self._pending()) is not None and due <= 0:
                 self._deliver([])
@@ -180,9 +188,11 @@ class Runner:
             return False
         if self._skip_to > self.cursor:
             self._skip()
+        self._starved = False
         if self._holding():
             return False
         batches = self._take()
+        self._starved = not batches
         return bool(batches) and self._deliver(batches)
 
     def _keep(self, batch: Batch) -> None:
@@ -246,7 +256,7 @@ class Runner:
                 if due <= 0:
                     return None
                 wait = min(wait, due)
-        elif self.core.out_seq > self.cursor and not self.stopping.is_set():
+        elif self.core.out_seq > self.cursor and not self.stopping.is_set() and not self._starved:
             return None
         pending = self._pending() if self._opened else None
         return wait if pending is None else max(0.0, min(wait, pending))
@@ -403,33 +413,43 @@ class Runner:
             return self.cond.wait_for(lambda: self.flushed.get(sid, 0) >= seq, timeout_s)
 
     def wait_passed(self, seq: int, timeout_s: float) -> bool:
-        """Block until this sink has committed stream batch ``seq``; a sink that holds batches sends them now."""
+        """Block until this sink has committed stream batch ``seq`` (and, with an outbox, delivered it);
+        a sink that holds batches sends them now."""
         if seq > self._release and self.cursor < seq:
             self._release = seq
             with self.core.cond:
                 self.core.cond.notify_all()
+        delivered = self._delivered
         with self.cond:
-            return self.cond.wait_for(lambda: self.cursor >= seq, timeout_s)
+            return self.cond.wait_for(lambda: self.cursor >= seq and (delivered is None or delivered() >= seq), timeout_s)
 
     # ------------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         """Lag (frames, bytes, age of the oldest unsent batch), last error, retry state, counters."""
         core = self.core
         lag_frames = max(0, core.total_frames - self.passed_frames)
+        lag_bytes = max(0, core.total_bytes - self.passed_bytes)
         oldest = None
         if core.out_seq > self.cursor:
             heads = core.summaries(self.cursor, 1)
             oldest = round(max(0.0, time.time() - heads[0].created), 3) if heads else None
+        if self._backlog is not None:
+            frames, size, since = self._backlog()
+            lag_frames, lag_bytes = lag_frames + frames, lag_bytes + size
+            if since is not None:
+                oldest = round(max(oldest or 0.0, time.time() - since), 3)
+        own = self.sink.status()
+        error, retry = own.pop("error", None), own.pop("retry", None)
         return {
             "cursor": self.cursor,
             "when_full": self.sink.when_full,
-            "lag": {"batches": max(0, core.out_seq - self.cursor), "frames": lag_frames,
-                    "bytes": max(0, core.total_bytes - self.passed_bytes), "oldest_age_s": oldest},
-            "error": self.error,
+            "lag": {"batches": max(0, core.out_seq - self.cursor), "frames": lag_frames, "bytes": lag_bytes,
+                    "oldest_age_s": oldest},
+            "error": self.error if self.error is not None else error,
             "retry": {"attempt": self.attempt, "next_in_s": round(max(0.0, self.retry_at - time.time()), 3)}
-            if self.retry_at is not None else None,
+            if self.retry_at is not None else retry,
             "counters": dict(self.counters),
             "skipped_by_run": dict(self.skipped),
             "dead_letters_by_run": dict(self.dead_letters),
-            **self.sink.status(),
+            **own,
         }

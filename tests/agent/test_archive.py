@@ -273,7 +273,7 @@ def test_names_become_safe_key_segments() -> None:
 
 def test_the_archive_is_configured_from_its_uri_and_endpoint() -> None:
     cfg = config.load({"DASHCAR_ARCHIVE_URI": "s3://bkt/fleet/a", "DASHCAR_ARCHIVE_ENDPOINT": "http://127.0.0.1:9000"})
-    assert cfg.sink_specs() == ["jsonl", "archive"]
+    assert cfg.sink_specs() == ["jsonl", "dash", "archive"]
     sink = load("archive", cfg)
     assert isinstance(sink, ArchiveSink) and sink.target.endpoint == "http://127.0.0.1:9000"
     assert sink.status()["uri"] == "s3://bkt/fleet/a"

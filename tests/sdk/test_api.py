@@ -116,7 +116,7 @@ def test_unknown_read_format_is_a_clear_error(agent: AgentHandle) -> None:
 @pytest.mark.parametrize("module", ["dashcar", "dashcar.auto_start", "dashcar.run", "dashcar.params"])
 def test_import_stays_light(module: str) -> None:
     heavy = ("lmdb", "pyarrow", "anyio", "numpy", "orjson", "params_proto", "ml_dash", "rich", "prometheus_client", "mcap",
-             "dashcar.cli", "dashcar.agent")
+             "dashcar.cli", "dashcar.agent", "httpx", "keyring", "cryptography")
     code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -76,12 +76,20 @@ def test_a_missing_or_non_numeric_ts_says_how_to_pass_it(tmp_path: Any) -> None:
     assert not exp._open, "a refused entry does not start the run"
 
 
-def test_dash_url_is_accepted_with_a_warning_and_the_run_stays_local(agent: AgentHandle) -> None:
-    with pytest.warns(UserWarning, match="dash_url='https://api.dash.ml' is ignored"):
-        exp = Experiment(prefix="alice/ml/training", dash_url="https://api.dash.ml", dash_root=agent.data_dir)
+def test_dash_url_keeps_the_local_files_as_ml_dash_hybrid_mode_does(agent: AgentHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ML_DASH_API_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("DASHCAR_DASH_TOKEN", "tok-compat-0123456789")
+    exp = Experiment(prefix="alice/ml/training", dash_url=True, dash_root=agent.data_dir, echo_logs=False)
+    assert exp.dash_url == "http://127.0.0.1:9" and exp.dash_root == str(agent.data_dir)
     with exp.run:
         exp.log("Training...")
-    assert read_json(exp.run_dir / "experiment.json")["status"] == "completed"
+    assert read_json(exp.run_dir / "experiment.json")["status"] == "completed", "local files never wait for the server"
+    assert not [p for p in exp.run_dir.rglob("*") if p.is_file() and b"tok-compat" in p.read_bytes()], "no token in the files"
+    assert Experiment(prefix="a/b/c", dash_url="https://api.dash.ml").dash_url == "https://api.dash.ml"
+    with pytest.raises(ValueError, match="not an http"):
+        Experiment(prefix="a/b/c", dash_url="api.dash.ml")
+    with pytest.raises(ValueError, match="dash_root=None keeps no local files"):
+        Experiment(prefix="a/b/c", dash_root=None)
 
 
 def test_a_metric_named_none_is_refused_and_the_unnamed_one_is_stored_as_ml_dash_reads_it(agent: AgentHandle) -> None:
