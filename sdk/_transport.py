@@ -188,7 +188,7 @@ class Producer:
         self._packer = msgpack.Packer(default=_default)
         self._last_report = 0.0
         self.coalesce_s = coalesce_s
-        self._buf: list[tuple[bytes, bytes]] = []
+        self._buf: list[bytes] = []
         self._buf_t = 0.0
         self._buf_bytes = 0
         self.acks = ctx.socket(zmq.SUB)
@@ -308,8 +308,9 @@ class Producer:
             )
 
     def _coalesce(self, head: bytes, body: bytes, size: int) -> int:
+        """Buffer a frame, packed whole with the seq it will have, so the call that ships pays no packing."""
         buf = self._buf
-        buf.append((head, body))
+        buf.append(head + self._packer.pack(self.seq + len(buf) + 1) + body)
         self._buf_bytes += size
         now = time.monotonic()
         if len(buf) == 1:
@@ -328,16 +329,11 @@ class Producer:
         buf = self._buf
         if not buf:
             return self.seq
-        pack = self._packer.pack
-        seq = self.seq
         n = len(buf)
-        parts: list[bytes] = [bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")]
-        for head, body in buf:
-            seq += 1
-            parts += (head, pack(seq), body)
+        data = (bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")) + b"".join(buf)
         buf.clear()
         self._buf_bytes = 0
-        return self._hand_over(b"".join(parts), seq, n, wait_s)
+        return self._hand_over(data, self.seq + n, n, wait_s)
 
     def _send_waiting(self, data: bytes, wait_s: float) -> bool:
         deadline = time.monotonic() + wait_s
