@@ -54,7 +54,7 @@ def main() -> None:
         producer = exp._live_transport().producer()
         for i in range(calls):
             t = time.perf_counter_ns()
-            producer.send(dashcar.proto.Kind.FILE_PUT, exp.dash_root, exp.prefix,
+            producer.send(dashcar.proto.Kind.FILE_PUT, str(exp.dash_root), exp.prefix,
                           [str(i), "/raw", "r.bin", ["inline", data], {"time": 0.0}])
             raw_send.append(time.perf_counter_ns() - t)
             t = time.perf_counter_ns()

@@ -1,5 +1,7 @@
 """Soak: rounds of producers flooding an agent while agents and producers are SIGKILLed at random,
-and (as root) the data disk fills and frees again. Every round is checked; the tally is printed
+and (as root) the data disk fills and frees again. Producers send again what a killed agent never
+acknowledged; the agent drops what it already had (``duplicates``), so a frame stored is one
+written, once. Every round is checked; the tally is printed
 as JSON and written to ``docs/reliability.md``.
 
     python -m bench.soak --minutes 10 [--seed 1] [--no-write]
@@ -105,7 +107,8 @@ def one_round(rng: random.Random, tally: dict[str, int]) -> None:
     tally["rounds"] += 1
     tally["frames_stored"] += fr["stored"]
     tally["frames_written"] += fr["written"] + fr["control"]
-    tally["lost_after_stored"] += fr["stored"] - fr["written"] - fr["control"]
+    tally["lost_after_stored"] += fr["stored"] - fr["written"] - fr["control"] - fr["duplicates"]
+    tally["resent_duplicates_dropped"] += fr["duplicates"]
     tally["counted_missing_before_store"] += fr["missing"]
     tally["counted_dropped_by_producers"] += fr["dropped_by_producers"]
     tally["counted_lost_in_producer_queues"] += fr["lost_in_producer_queue"]
@@ -151,8 +154,8 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     keys = ["rounds", "agent_kills", "producer_kills", "disk_full_recoveries", "frames_stored", "frames_written",
-            "lost_after_stored", "points_not_written", "duplicate_rows", "duplicate_points", "unsorted_files", "wrong_rows",
-            "rows_checked",
+            "lost_after_stored", "resent_duplicates_dropped", "points_not_written", "duplicate_rows", "duplicate_points",
+            "unsorted_files", "wrong_rows", "rows_checked",
             "counted_missing_before_store", "counted_dropped_by_producers", "counted_lost_in_producer_queues",
             "counted_dropped_disk_full"]
     tally = dict.fromkeys(keys, 0)

@@ -259,7 +259,7 @@ class Producer:
     def poll_acks(self) -> None:
         """Read the agent's acknowledgements and announcements: forget what it stored, and send
         again what a new agent (another incarnation) never got."""
-        if not self.acks.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not int(self.acks.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return
         recv = self.acks.recv_multipart
         while True:
