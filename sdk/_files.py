@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 from dashcar.proto import (
     FILE_INLINE_MAX_BYTES,
     FILES_INDEX,
+    ConfigError,
     Kind,
     check_file_name,
     file_dir,
@@ -224,7 +225,8 @@ class FileBuilder:
         """Upload an existing file (named ``to``, which may hold a directory, or its own name).
 
         At most 64 KiB is read now; a larger file is cloned (copy-on-write) or handed over by
-        path. ``copy=True`` copies it now, for a caller who rewrites it at once.
+        path. ``copy=True`` copies it now, for a caller who rewrites it at once. A run without
+        local files (``dash_root=None``) has no spool: a larger file is always read by the agent.
         """
         if not fpath:
             raise ValueError("fpath is required")
@@ -245,6 +247,10 @@ class FileBuilder:
                 data = f.read(FILE_INLINE_MAX_BYTES + 1)
             if len(data) <= FILE_INLINE_MAX_BYTES:
                 return self._put(file_id, path, name, ["inline", data], meta, len(data))
+        if not self._exp._local:
+            # A run without local files has no spool: the agent reads the file itself.
+            source = ["path", os.path.abspath(src), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+            return self._put(file_id, path, name, source, meta, st.st_size)
         spool = self._spool_path(file_id)
         if copy:
             import shutil
@@ -538,6 +544,12 @@ class FileBuilder:
 
     def _spool_path(self, file_id: str) -> str:
         self._exp.start()
+        if not self._exp._local:
+            raise ConfigError(
+                f"run {self._exp.prefix!r} keeps no local files (dash_root=None): content over "
+                f"{FILE_INLINE_MAX_BYTES} bytes has no spool to wait in. Write it to a file and upload() that, "
+                "or give the run a dash_root"
+            )
         d = spool_dir(str(self._exp.run_dir))
         os.makedirs(d, exist_ok=True)
         return os.path.join(d, file_id)

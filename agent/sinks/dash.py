@@ -4,7 +4,9 @@ A run ships to its own server (``Experiment(dash_url=...)``) or to the agent's (
 other runs cost this sink one look at their ``RunItem``. The calls are those of the ``ml-dash``
 0.11 client (``docs/remote.md``): ``POST /graphql`` GetProject, the PROJECT/FOLDER/EXPERIMENT nodes,
 then parameters, logs (≤ 100 a request), metric points (≤ 1000) and track rows (≤ 1000 and
-≤ 4 MiB), and the status ``PATCH`` last, once everything else of the run was acknowledged.
+≤ 4 MiB), files (a FOLDER node per directory under the experiment's node, then the bytes as a
+multipart FILE node; ``PATCH`` / ``DELETE /api/nodes/{id}`` for an update or a delete), and the
+status ``PATCH`` last, once everything else of the run was acknowledged.
 
 Layout of the state (this sink's namespace of the state environment, committed by the runner
 with the cursor, so what a send staged exists durably exactly when its batch was passed)
@@ -13,7 +15,11 @@ with the cursor, so what a send staged exists durably exactly when its batch was
 - ``s:<series>``: a series (params, logs, a metric, a topic) of a run: its backlog's size and
   oldest batch, and for logs and metrics the count the server holds (``expect``).
 - ``q:<series><batch u64><n u32>``: the outbox, each entry some units (points, rows, log
-  lines, one params change) already encoded as JSON, in stream order per series.
+  lines, one params change, one file operation) already encoded as JSON, in stream order per series.
+- ``<state dir>/dash-files/<blob>``: a file's bytes from the moment its put is staged until the
+  server holds them (the spool file or the caller's file may be gone by then); written and
+  fsynced before the staging commits, deleted once the acknowledgement is committed. A blob no
+  outbox entry names (a send that failed before its commit) is swept at start.
 
 Invariants
 - A series has at most one request in flight and sends its outbox in order; requests are
@@ -26,7 +32,8 @@ Invariants
   after sending, 5xx, 2xx without JSON), and for every series with a backlog after a restart
   or a failed commit, the sink reads back what the server holds before it sends again: the
   count of a metric (``…/stats``) or of the logs, the rows of a topic in the time range of the
-  head request; what the server has is dropped from the outbox. This assumes the agent is the
+  head request, the experiment's files (a file of the same name and checksum that no other
+  upload of this sink made); what the server has is dropped from the outbox. This assumes the agent is the
   only writer of the series it ships; after a timeout the read-back waits one more request
   timeout, so a server still working on the request has finished it.
 - Errors: no connection → the server backs off (one probe at a time, exponential with
@@ -49,16 +56,20 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlsplit
 
 import orjson
 
+from dashcar.proto import file_dir_parts, stored_file_path
+
+from .. import files as kept_files
 from .. import layout, merge
 from ..book import iso
 from ..errors import SinkRetryable
-from ..stream import FlushedItem, Item, ItemKind, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import FileItem, FlushedItem, Item, ItemKind, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 from .http import Outcome, Pool, Reply, Request, classify, describe, retry_after_s
 from .runner import backoff
@@ -89,8 +100,17 @@ MAX_CLOSED_RUNS: Final = 10_000
 STATUS: Final = {"completed": "COMPLETED", "failed": "FAILED", "cancelled": "CANCELLED", "crashed": "FAILED"}
 GET_PROJECT: Final = "query GetProject($namespace: String!) { namespace(slug: $namespace) { projects { id slug } } }"
 GET_NODE: Final = "query GetExperimentNode($experimentId: ID!) { experimentNode(experimentId: $experimentId) { id } }"
+GET_EXP_PROJECT: Final = "query GetExperimentProject($experimentId: ID!) { experimentById(id: $experimentId) { projectId } }"
+LIST_FILES: Final = (
+    "query ListExperimentFilesPaginated($experimentId: ID!, $limit: Int!, $offset: Int!) { experimentById(id: $experimentId) "
+    "{ filesPaginated(limit: $limit, offset: $offset) { files { id name physicalFile { checksum } } totalCount hasMore } } }"
+)
+LIST_FILES_PAGE: Final = 500
+UPLOAD_MIN_BYTES_PER_S: Final = 1 << 20
+"""A file upload's deadline is the request timeout plus its size at this rate (1 MiB/s)."""
+FILE_FIELDS: Final = ("description", "tags", "metadata")
 
-PARAMS, LOGS, METRIC, TRACK = "p", "l", "m", "t"
+PARAMS, LOGS, METRIC, TRACK, FILES = "p", "l", "m", "t", "f"
 COUNTED: Final = (LOGS, METRIC)
 """Series read back by count; tracks are read back by their rows, params are an idempotent upsert."""
 
@@ -148,6 +168,45 @@ def split_prefix(prefix: str) -> tuple[str, str, list[str], str]:
     return ns, project, parts[2:-1] if len(parts) > 3 else [], name
 
 
+class Multipart:
+    """A ``multipart/form-data`` body (RFC 7578) of text fields and one file part, streamed from
+    disk in 1 MiB chunks: a checkpoint of any size goes without being read into memory at once
+    (``http.client`` sends an iterable body chunk by chunk)."""
+
+    def __init__(self, fields: dict[str, str], part: str, filename: str, content_type: str, path: str, size: int) -> None:
+        self.boundary = "dashcar-" + os.urandom(16).hex()
+        head = b"".join(
+            self._header(name) + b"\r\n\r\n" + value.encode() + b"\r\n" for name, value in fields.items()
+        )
+        self.head = head + self._header(part, filename) + f"\r\nContent-Type: {content_type}\r\n\r\n".encode()
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.path, self.size = path, size
+
+    def _header(self, name: str, filename: str | None = None) -> bytes:
+        disposition = f'form-data; name="{_param(name)}"' + (f'; filename="{_param(filename)}"' if filename is not None else "")
+        return f"--{self.boundary}\r\nContent-Disposition: {disposition}".encode()
+
+    @property
+    def content_type(self) -> str:
+        """The request's ``Content-Type`` header."""
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return len(self.head) + self.size + len(self.tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head
+        with open(self.path, "rb") as f:
+            while chunk := f.read(kept_files.CHUNK):
+                yield chunk
+        yield self.tail
+
+
+def _param(value: str) -> str:
+    """A form-data parameter value as browsers write it (a quote or a line break percent-encoded)."""
+    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
 def public_url(url: str) -> str:
     """A server URL fit for status and logs (without user info)."""
     p = urlsplit(url)
@@ -180,6 +239,11 @@ class RunRec:
     refused: str | None = None
     nonfinite: int = 0
     closed: int = 0
+    files: dict[str, list[Any]] = field(default_factory=dict)
+    """File id → ``[path, filename, node id on the server or None, content type]``."""
+    folders: dict[str, str] = field(default_factory=dict)
+    """A file directory (``/models/best``) → its FOLDER node's id."""
+    file_counts: dict[str, int] = field(default_factory=dict)
     # in memory only
     busy: bool = False
     next_at: float = 0.0
@@ -192,7 +256,8 @@ class RunRec:
             "url": self.url, "prefix": self.prefix, "token": self.token, "info": self.info, "checked": self.checked,
             "project_id": self.project_id, "folder_ids": self.folder_ids, "eid": self.eid, "nid": self.nid,
             "created": self.created, "status": self.status, "final_seq": self.final_seq, "done": self.done,
-            "refused": self.refused, "nonfinite": self.nonfinite, "closed": self.closed,
+            "refused": self.refused, "nonfinite": self.nonfinite, "closed": self.closed, "files": self.files,
+            "folders": self.folders, "file_counts": self.file_counts,
         }
 
     @classmethod
@@ -269,6 +334,8 @@ class Job:
     path: str = ""
     timeout_s: float = 0.0
     url: str = ""
+    ref: str = ""
+    """A file request's FOLDER path or file id."""
 
 
 def series_id(run: str, kind: str, name: str) -> bytes:
@@ -289,6 +356,8 @@ class DashSink:
         self.timeout_s = cfg.dash_timeout_s if cfg else 30.0
         self.retry_max_s = cfg.dash_retry_max_s if cfg else 30.0
         self.max_bytes = max(1 << 20, (cfg.wal_max_bytes if cfg else 16 << 30) // 4)
+        self.blob_dir = str(cfg.state_dir / "dash-files") if cfg else ""
+        self._trash: list[str] = []
         self.runs: dict[str, RunRec] = {}
         self.active: set[str] = set()
         self.series: dict[bytes, Series] = {}
@@ -348,6 +417,9 @@ class DashSink:
         for path in busy_runs:
             if path in self.runs:
                 self.runs[path].busy = True
+        self._trash = []
+        if first:
+            self._sweep_blobs(state)
         self._refusals = []
         self._touched_runs, self._touched_series = set(), set()
         self._loaded = self._clean = True
@@ -387,6 +459,24 @@ class DashSink:
         """What was staged is durable: acknowledged series may send again."""
         self._settled()
 
+    def _sweep_blobs(self, state: SinkState) -> None:
+        """Delete file bytes no outbox entry names (kept by a send whose commit never came)."""
+        try:
+            names = os.listdir(self.blob_dir)
+        except FileNotFoundError:
+            return
+        wanted = set()
+        for s in self.series.values():
+            if s.kind == FILES and s.units:
+                for _, v in state.items(b"q:" + s.sid):
+                    wanted.add(orjson.loads(v[4]).get("blob"))
+        for name in names:
+            if name not in wanted:
+                try:
+                    os.unlink(os.path.join(self.blob_dir, name))
+                except OSError as exc:
+                    log.warning("dash: cannot delete %s: %s", name, exc.strerror)
+
     def _settled(self) -> None:
         for sid in self._touched_series:
             s = self.series.get(sid)
@@ -397,6 +487,14 @@ class DashSink:
         self._touched_series.clear()
         self._touched_runs.clear()
         self._clean = True
+        for name in self._trash:
+            try:
+                os.unlink(os.path.join(self.blob_dir, name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("dash: cannot delete %s: %s", name, exc.strerror)
+        self._trash = []
 
     def _stage_touched(self, state: SinkState) -> None:
         if self._last_request > self._last_request_saved:
@@ -532,12 +630,78 @@ class DashSink:
         elif isinstance(item, ParamsItem):
             if item.changed:
                 out.append((PARAMS, "", 1, item.version, 0, self._encode(rec, item.changed)))
+        elif isinstance(item, FileItem):
+            entry = self._file_entry(item, rec)
+            if entry is not None:
+                out.append((FILES, "", 1, 0, 0, entry))
         elif isinstance(item, MetaItem) and item.target in ("metric", "series"):
             s = self._series(rec, METRIC, item.name if item.name is not None else UNNAMED_METRIC)
             s.meta = {**(s.meta or {}), **{k: v for k, v in item.info.items() if k in ("description", "tags", "metadata")}}
             s.meta_pending = True
             self._touched_series.add(s.sid)
         return out
+
+    def _file_entry(self, item: FileItem, rec: RunRec) -> bytes | None:
+        """A file operation as an outbox entry. A put's (or a copy's) bytes are kept in the blob dir
+        first: the spool file goes once every sink passed the batch, the caller's file may change."""
+        if item.op == "update":
+            fields = {k: item.meta[k] for k in FILE_FIELDS if k in item.meta}
+            return self._encode(rec, {"op": "update", "id": item.id, "fields": fields})
+        if item.op == "delete":
+            return orjson.dumps({"op": "delete", "id": item.id})
+        blob = hashlib.blake2b(f"{rec.path}\0{item.id}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        dest = os.path.join(self.blob_dir, blob)
+        ctype = item.meta.get("content_type")
+        try:
+            if not self.blob_dir:
+                raise kept_files.FileLost("unreadable", "the sink has no state dir to keep file bytes in")
+            if item.op == "copy":
+                src_id = item.source[1]
+                source = self._copy_source(rec, src_id)
+                if source is None:
+                    raise kept_files.FileLost("no_source", f"file {src_id} to duplicate is no longer at hand")
+                ctype = ctype or rec.files[src_id][3]
+                kept = kept_files.store_copy(source, dest)
+            elif item.source[0] == "inline":
+                kept = kept_files.store_bytes(item.source[1], dest)
+            elif item.source[0] == "spool":
+                kept = kept_files.store_spool(item.source[1], dest, item.meta.get("size"))
+            else:
+                kept = kept_files.store_path(item.source, dest, item.pid)
+        except kept_files.FileLost as lost:
+            self._count_file(rec, "files_lost")
+            self._count_file(rec, "files_lost_" + lost.reason)
+            log.warning("dash: run=%s file=%s/%s id=%s lost reason=%s", rec.path, item.path, item.filename, item.id, lost)
+            return None
+        except OSError as exc:
+            raise SinkRetryable(f"keeping file {item.filename} of run {rec.path} for the server failed: {exc}") from exc
+        if kept.changed:
+            self._count_file(rec, "files_changed_after_call")
+        ctype = ctype or kept_files.DEFAULT_CONTENT_TYPE
+        rec.files[item.id] = [item.path, item.filename, None, ctype]
+        self._touched_runs.add(rec.path)
+        entry = {"op": "put", "id": item.id, "path": item.path, "filename": item.filename, "blob": blob, "size": kept.size,
+                 "checksum": kept.checksum, "content_type": ctype,
+                 **{k: item.meta[k] for k in FILE_FIELDS if item.meta.get(k) is not None}}
+        return self._encode(rec, entry)
+
+    def _copy_source(self, rec: RunRec, src_id: str) -> str | None:
+        """Where a duplicate's bytes are: the source's blob while it waits for the server, else the run's
+        local copy (a run without local files whose source was already uploaded has none)."""
+        src = rec.files.get(src_id)
+        if src is None:
+            return None
+        blob = os.path.join(self.blob_dir, hashlib.blake2b(f"{rec.path}\0{src_id}".encode("utf-8", "surrogatepass"),
+                                                           digest_size=16).hexdigest())
+        if os.path.exists(blob):
+            return blob
+        local = stored_file_path(rec.path, src[0], src_id, src[1])
+        return local if os.path.exists(local) else None
+
+    def _count_file(self, rec: RunRec, name: str, n: int = 1) -> None:
+        rec.file_counts[name] = rec.file_counts.get(name, 0) + n
+        self.counters[name] = self.counters.get(name, 0) + n
+        self._touched_runs.add(rec.path)
 
     def _track_chunks(self, rec: RunRec, topic: str, entries: list[dict[str, Any]],
                       out: list[tuple[str, str, int, Any, Any, bytes]]) -> None:
@@ -691,7 +855,9 @@ class DashSink:
             owner = self.runs.get(s.run)
             if owner is None or owner.eid is None or owner.refused or self._blocked(owner, now):
                 continue
-            if s.kind in COUNTED and (s.verify or s.expect is None):
+            if s.kind == FILES:
+                self._submit_file(state, owner, s)
+            elif s.kind in COUNTED and (s.verify or s.expect is None):
                 self._submit_check(owner, s, None)
             else:
                 entries = self._head(state, s)
@@ -706,7 +872,7 @@ class DashSink:
 
     def _head(self, state: SinkState, s: Series) -> list[_Entry]:
         """The committed entries the series' next request carries."""
-        cap = {METRIC: METRIC_BATCH, TRACK: TRACK_BATCH, LOGS: LOG_BATCH, PARAMS: PARAMS_BATCH}[s.kind]
+        cap = {METRIC: METRIC_BATCH, TRACK: TRACK_BATCH, LOGS: LOG_BATCH, PARAMS: PARAMS_BATCH, FILES: 1}[s.kind]
         limit = 2
         while True:
             # Entries are read in growing pages: most requests take one or two of them, and a long
@@ -727,8 +893,8 @@ class DashSink:
                 return out
             limit *= 8
 
-    def _headers(self, rec: RunRec, key: str | None = None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    def _headers(self, rec: RunRec, key: str | None = None, content_type: str = "application/json") -> dict[str, str]:
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
         token = self._token(rec)
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -736,16 +902,24 @@ class DashSink:
             headers["Idempotency-Key"] = key
         return headers
 
-    def _submit(self, rec: RunRec, job: Job, method: str, path: str, body: bytes | None, key: str | None = None) -> None:
+    def _submit(self, rec: RunRec, job: Job, method: str, path: str, body: bytes | Multipart | None,
+                key: str | None = None) -> None:
         assert self.pool is not None
         srv = self._server(rec.url)
         if srv.error is not None:
             srv.probing = True
         self._next_job += 1
-        job.method, job.path, job.timeout_s, job.url = method, path, self.timeout_s, rec.url
+        timeout_s = self.timeout_s
+        if isinstance(body, Multipart):
+            headers = self._headers(rec, key, body.content_type)
+            headers["Content-Length"] = str(len(body))
+            timeout_s += body.size / UPLOAD_MIN_BYTES_PER_S
+        else:
+            headers = self._headers(rec, key)
+        job.method, job.path, job.timeout_s, job.url = method, path, timeout_s, rec.url
         self.jobs[self._next_job] = job
         url = rec.url + path
-        self.pool.submit(Request(self._next_job, method, url, self._headers(rec, key), body, self.timeout_s))
+        self.pool.submit(Request(self._next_job, method, url, headers, body, timeout_s))
         self._last_request = time.time()
         self.counters["requests"] = self.counters.get("requests", 0) + 1
         log.debug("dash: %s %s", method, path)
@@ -838,6 +1012,74 @@ class DashSink:
         job = Job(self._gen, "data", rec.path, s.sid, entries, units, meta)
         self._submit(rec, job, "POST", path, body, self._key(rec, s.kind, s.name, entries[0][0], entries[-1][0], units, meta))
 
+    def _submit_file(self, state: SinkState, rec: RunRec, s: Series) -> None:
+        """The next request of a run's files: what its head operation needs next (the project id, a
+        FOLDER node, a read-back after an unanswered upload, the upload; a node's PATCH or DELETE)."""
+        entries = self._head(state, s)
+        if not entries:
+            return
+        op = orjson.loads(entries[0][1][4])
+        fid = op["id"]
+        job = Job(self._gen, "data", rec.path, s.sid, entries, 1, step=op["op"], ref=fid)
+        nodes = f"/api/namespaces/{_q(split_prefix(rec.prefix)[0])}/nodes"
+        if op["op"] != "put":
+            node = (rec.files.get(fid) or [None, None, None])[2]
+            if node is None:
+                # Its put never reached the server (lost before it, or refused): nothing to change there.
+                self._count_file(rec, "file_changes_without_file")
+                self._acked(state, s, entries, 1)
+                return
+            s.busy = True
+            if op["op"] == "delete":
+                self._submit(rec, job, "DELETE", f"/api/nodes/{_q(node)}", None)
+            else:
+                body = self._encode(rec, op["fields"])
+                self._submit(rec, job, "PATCH", f"/api/nodes/{_q(node)}", body, self._key(rec, "file", fid, body=body))
+            return
+        s.busy = True
+        if rec.project_id is None:
+            job.what = "project"
+            body = orjson.dumps({"query": GET_EXP_PROJECT, "variables": {"experimentId": rec.eid}})
+            self._submit(rec, job, "POST", "/graphql", body)
+            return
+        parent = rec.nid or "ROOT"
+        here = ""
+        for part in file_dir_parts(op["path"]):
+            here += "/" + part
+            folder = rec.folders.get(here)
+            if folder is None:
+                job.what, job.ref = "folder", here
+                body = orjson.dumps({"type": "FOLDER", "projectId": rec.project_id, "experimentId": rec.eid,
+                                     "parentId": parent, "name": part})
+                self._submit(rec, job, "POST", nodes, body, self._key(rec, "file-folder", here, body=body))
+                return
+            parent = folder
+        if s.verify:
+            job.what = "check"
+            self.counters["read_backs"] = self.counters.get("read_backs", 0) + 1
+            body = orjson.dumps({"query": LIST_FILES, "variables": {"experimentId": rec.eid, "limit": LIST_FILES_PAGE,
+                                                                     "offset": int(op.get("offset", 0))}})
+            self._submit(rec, job, "POST", "/graphql", body)
+            return
+        blob = os.path.join(self.blob_dir, op["blob"])
+        if not os.path.exists(blob):
+            s.busy = False
+            self._count_file(rec, "files_lost")
+            self._count_file(rec, "files_lost_vanished")
+            log.warning("dash: run=%s file %s: its kept bytes %s are gone", rec.path, op["filename"], blob)
+            self._acked(state, s, entries, 1)
+            return
+        fields = {"type": "FILE", "projectId": rec.project_id, "experimentId": rec.eid, "parentId": parent,
+                  "name": op["filename"], "checksum": op["checksum"]}
+        if op.get("description"):
+            fields["description"] = str(op["description"])
+        if op.get("tags"):
+            fields["tags"] = ",".join(op["tags"])
+        if op.get("metadata"):
+            fields["metadata"] = encode(op["metadata"])[0].decode()
+        form = Multipart(fields, "file", op["filename"], op["content_type"], blob, op["size"])
+        self._submit(rec, job, "POST", nodes, form, self._key(rec, "file", fid, op["checksum"]))
+
     def _submit_check(self, rec: RunRec, s: Series, entries: list[_Entry] | None) -> None:
         """Read back what the server holds of the series (its count, or the head request's rows)."""
         s.busy = True
@@ -907,6 +1149,9 @@ class DashSink:
             return
         if s is None:
             return
+        if s.kind == FILES:
+            self._apply_file(state, rec, s, job, reply, outcome, body, retry_after, now, detail)
+            return
         if outcome in (Outcome.AMBIGUOUS, Outcome.RETRY):
             if outcome is Outcome.AMBIGUOUS and job.what == "data" and s.kind != PARAMS:
                 s.verify = True
@@ -944,9 +1189,101 @@ class DashSink:
                 s.expect += job.units
             self.counters["delivered"] = self.counters.get("delivered", 0) + job.units
 
+    def _apply_file(self, state: SinkState, rec: RunRec, s: Series, job: Job, reply: Reply, outcome: Outcome, body: Any,
+                    retry_after: float, now: float, detail: str) -> None:
+        """A reply to a file request (see ``_submit_file``)."""
+        what = f"{job.method} {job.path}"
+        if outcome is Outcome.OK:
+            error = self._file_answer(state, rec, s, job, body)
+            if error is None:
+                s.attempt, s.error = 0, None
+                return
+            outcome, detail = Outcome.RETRY, error
+        elif outcome is Outcome.REFUSED and job.step == "delete" and reply.status == 404:
+            self._count_file(rec, "files_deleted")
+            self._acked(state, s, job.entries, 1)
+            return
+        if outcome is Outcome.REFUSED and job.what in ("check", "project"):
+            log.warning("dash: cannot %s (%s): uploading the file again, which may duplicate it",
+                        "read back the run's files" if job.what == "check" else "learn the run's project", detail)
+            if job.what == "project":
+                rec.project_id = ""
+            s.verify = False
+            return
+        if outcome is Outcome.REFUSED:
+            s.busy = True
+            self._refusals.append((job, f"{detail} on {what}"))
+            return
+        if outcome is Outcome.AMBIGUOUS and job.what == "data" and job.step == "put":
+            s.verify = True
+        wait = backoff(s.attempt, base_s=BACKOFF_BASE_S, cap_s=self.retry_max_s)
+        if reply.timed_out:
+            wait = max(wait, job.timeout_s)
+        s.attempt += 1
+        s.error = f"{detail} on {what}"
+        s.next_at = now + max(wait, retry_after)
+        self.counters["retries"] = self.counters.get("retries", 0) + 1
+
+    def _file_answer(self, state: SinkState, rec: RunRec, s: Series, job: Job, body: Any) -> str | None:
+        """Apply a 2xx answer to a file request; an error text if it is unusable."""
+        if not isinstance(body, dict):
+            return "answer is not a JSON object"
+        self._touched_runs.add(rec.path)
+        if job.what == "project":
+            pid = ((body.get("data") or {}).get("experimentById") or {}).get("projectId")
+            rec.project_id = str(pid) if pid is not None else ""
+            return None
+        if job.what == "folder":
+            nid = (body.get("node") or {}).get("id")
+            if nid is None:
+                return "FOLDER node answered without node.id"
+            rec.folders[job.ref] = str(nid)
+            return None
+        entry = orjson.loads(job.entries[0][1][4])
+        if job.what == "check":
+            s.verify = False
+            page = ((body.get("data") or {}).get("experimentById") or {}).get("filesPaginated") or {}
+            mine = {f[2] for f in rec.files.values() if f[2] is not None}
+            for f in page.get("files") or []:
+                if (isinstance(f, dict) and f.get("name") == entry["filename"] and str(f.get("id")) not in mine
+                        and (f.get("physicalFile") or {}).get("checksum") == entry["checksum"]):
+                    log.info("dash: run=%s already held file %s of an unanswered upload; not sent again",
+                             rec.path, entry["filename"])
+                    self.counters["not_resent"] = self.counters.get("not_resent", 0) + 1
+                    self._file_held(state, rec, s, job, str(f["id"]))
+                    return None
+            if page.get("hasMore"):
+                s.verify = True
+                offset = int(entry.get("offset", 0)) + LIST_FILES_PAGE
+                self._rewrite(state, s, job.entries[0][0], job.entries[0][1], [{**entry, "offset": offset}], [0, 0])
+                s.dirty = True
+            return None
+        if job.step == "put":
+            nid = (body.get("node") or {}).get("id")
+            if nid is None:
+                return "FILE node answered without node.id"
+            self.counters["files_shipped"] = self.counters.get("files_shipped", 0) + 1
+            self.counters["file_bytes"] = self.counters.get("file_bytes", 0) + int(entry["size"])
+            self._file_held(state, rec, s, job, str(nid))
+            return None
+        self._count_file(rec, "files_deleted" if job.step == "delete" else "files_updated")
+        self._acked(state, s, job.entries, 1)
+        self.counters["delivered"] = self.counters.get("delivered", 0) + 1
+        return None
+
+    def _file_held(self, state: SinkState, rec: RunRec, s: Series, job: Job, nid: str) -> None:
+        """The server holds the head file as node ``nid``."""
+        if job.ref in rec.files:
+            rec.files[job.ref][2] = nid
+        self._count_file(rec, "files_on_server")
+        self._acked(state, s, job.entries, 1)
+        self.counters["delivered"] = self.counters.get("delivered", 0) + 1
+
     def _acked(self, state: SinkState, s: Series, entries: list[_Entry], units: int) -> None:
         """Entries the server holds leave the outbox (staged; the series waits for the commit)."""
         for k, v in entries:
+            if s.kind == FILES and (blob := orjson.loads(v[4]).get("blob")):
+                self._trash.append(blob)
             state.delete(b"q:" + k)
             s.size -= len(v[4])
             self.size -= len(v[4])
@@ -1123,6 +1460,9 @@ class DashSink:
         if eid is None:
             return "EXPERIMENT node answered without experiment.id"
         rec.eid = str(eid)
+        if rec.project_id is None:
+            pid = (body.get("project") or {}).get("id") or body["experiment"].get("projectId")
+            rec.project_id = str(pid) if pid is not None else None
         node = (body.get("node") or {}).get("id")
         rec.nid = str(node) if node is not None else None
         rec.created = status == 201
@@ -1199,6 +1539,11 @@ class DashSink:
             return RowsItem(ItemKind.ROWS, s.run, s.name, [r.pop("timestamp") for r in values], [], False, values)
         if s.kind == LOGS:
             return LogsItem(ItemKind.LOGS, s.run, v[2], values)
+        if s.kind == FILES:
+            op = values[0]
+            meta = {k: op[k] for k in (*FILE_FIELDS, "size", "checksum", "content_type") if k in op}
+            return FileItem(ItemKind.FILE, s.run, op["op"], op["id"], op.get("path", ""), op.get("filename", ""), [],
+                            {**meta, **op.get("fields", {})}, 0)
         return ParamsItem(ItemKind.PARAMS, s.run, v[2], values[0], None, values[0])
 
     def _scrub(self, text: str, rec: RunRec) -> str:

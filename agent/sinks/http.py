@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
@@ -47,7 +48,8 @@ class Request:
     method: str
     url: str
     headers: dict[str, str]
-    body: bytes | None
+    body: bytes | Iterable[bytes] | None
+    """An iterable body is sent chunk by chunk; its ``Content-Length`` must be in ``headers``."""
     timeout_s: float
 
 

@@ -2,8 +2,12 @@
 
 It implements the endpoints the real ``ml-dash==0.11.0`` client uses (GraphQL GetProject and
 GetExperimentNode, PROJECT/FOLDER/EXPERIMENT nodes as upserts, parameters, logs, metric and
-track batches, the status PATCH) and the reads a shipper needs (metric stats, logs with a
-total, track rows in a time range), stores what it is sent, and records every request.
+track batches, the status PATCH, files: FOLDER nodes under the experiment's node and a FILE node
+as a multipart upload whose checksum must match its bytes, ``PATCH``/``DELETE /api/nodes/{id}``
+of a file, GraphQL GetExperimentProject and ListExperimentFilesPaginated) and the reads a
+shipper needs (metric stats, logs with a total, track rows in a time range, an experiment's
+files), stores what it is sent, and records every request (a multipart body as its form
+fields, with the file part under ``"file"``).
 Path parameters are one segment each, decoded after splitting, so an unencoded ``train/loss``
 misses the route (404), as it does on the real server.
 
@@ -20,6 +24,9 @@ its URL and serves until killed; ``GET /_fake/summary`` then tells what it holds
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
+import hashlib
 import itertools
 import re
 import socket
@@ -87,6 +94,9 @@ class Experiment:
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     metric_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     tracks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """File node id → ``name``, ``path`` (its folders under the experiment), ``data``, ``checksum``,
+    ``contentType``, ``description``, ``tags``, ``metadata``, ``deletedAt``."""
 
     @property
     def prefix(self) -> str:
@@ -106,6 +116,9 @@ class Store:
         self.exp_by_key: dict[tuple[str, str, str], str] = {}
         self.nodes: dict[str, str] = {}
         """Experiment node id → experiment id."""
+        self.file_nodes: dict[str, str] = {}
+        """File node id → experiment id."""
+        self.folder_parent: dict[str, str] = {}
         self.missing_namespaces: set[str] = set()
 
     def new_id(self) -> str:
@@ -226,6 +239,7 @@ class FakeMlDash:
                 "experiments": {e.prefix: {
                     "status": e.status, "params": len(e.params), "logs": len(e.logs),
                     "metrics": {k: len(v) for k, v in e.metrics.items()}, "tracks": {k: len(v) for k, v in e.tracks.items()},
+                    "files": len(e.files),
                 } for e in self.store.experiments.values()},
             }
 
@@ -244,6 +258,8 @@ class FakeMlDash:
             p = parts[1:]
             if method == "POST" and len(p) == 3 and p[0] == "namespaces" and p[2] == "nodes":
                 return self._node(p[1], body)
+            if len(p) == 2 and p[0] == "nodes" and p[1] in st.file_nodes:
+                return self._file_node(method, p[1], body)
             if method == "PATCH" and len(p) == 2 and p[0] == "nodes":
                 eid = st.nodes.get(p[1])
                 if eid is None:
@@ -312,6 +328,25 @@ class FakeMlDash:
         if "GetExperimentNode" in query:
             exp = st.experiments.get(str(variables.get("experimentId")))
             return 200, {"data": {"experimentNode": {"id": exp.node} if exp else None}}
+        if "GetExperimentProject" in query:
+            exp = st.experiments.get(str(variables.get("experimentId")))
+            if exp is None:
+                return 200, {"data": {"experimentById": None}}
+            pid = st.projects.get((exp.ns, exp.project))
+            return 200, {"data": {"experimentById": {"projectId": pid, "project": {"slug": exp.project, "name": exp.project}}}}
+        if "ListExperimentFilesPaginated" in query:
+            exp = st.experiments.get(str(variables.get("experimentId")))
+            if exp is None:
+                return 200, {"data": {"experimentById": None}}
+            live = [(nid, f) for nid, f in exp.files.items() if f["deletedAt"] is None]
+            offset, limit = int(variables.get("offset", 0)), int(variables.get("limit", 500))
+            page = [{"id": nid, "name": f["name"], "description": f["description"], "tags": f["tags"],
+                     "metadata": f["metadata"], "createdAt": f["createdAt"], "pPath": f["path"],
+                     "physicalFile": {"id": nid, "filename": f["name"], "contentType": f["contentType"],
+                                      "sizeBytes": str(len(f["data"])), "checksum": f["checksum"], "s3Url": None}}
+                    for nid, f in live[offset:offset + limit]]
+            return 200, {"data": {"experimentById": {"filesPaginated": {
+                "files": page, "totalCount": len(live), "hasMore": offset + limit < len(live)}}}}
         return 200, {"errors": [{"message": "unknown query"}]}
 
     def _node(self, ns: str, body: Any) -> tuple[int, Any]:
@@ -329,6 +364,7 @@ class FakeMlDash:
             if new:
                 st.folders[fkey] = st.new_id()
                 st.folder_names[st.folders[fkey]] = fkey[2]
+                st.folder_parent[st.folders[fkey]] = fkey[1]
             return (201 if new else 200), {"node": {"id": st.folders[fkey], "type": "FOLDER", "name": fkey[2]}}
         if kind == "EXPERIMENT":
             if "projectId" in body:
@@ -357,7 +393,68 @@ class FakeMlDash:
                 status = 200
             exp = st.experiments[eid]
             return status, {"experiment": {"id": exp.id, "name": exp.name}, "node": {"id": exp.node}, "project": {"id": pid}}
+        if kind == "FILE":
+            return self._new_file(body)
         return 400, {"error": f"unknown node type {kind!r}"}
+
+    def _new_file(self, body: Any) -> tuple[int, Any]:
+        """A multipart FILE node: under the experiment's node or a folder below it."""
+        st = self.store
+        exp = st.experiments.get(str(body.get("experimentId")))
+        part = body.get("file")
+        if exp is None:
+            return 404, {"error": "experiment not found"}
+        if not isinstance(part, dict) or not body.get("name") or not body.get("checksum"):
+            return 400, {"error": "a FILE node needs name, checksum and a file part"}
+        data = part["data"]
+        if hashlib.sha256(data).hexdigest() != body["checksum"]:
+            return 400, {"error": "checksum does not match the uploaded bytes"}
+        path: list[str] = []
+        node = str(body.get("parentId"))
+        while node != exp.node:
+            if node not in st.folder_names:
+                return 400, {"error": f"parent {node} is neither the experiment's node nor a folder under it"}
+            path.insert(0, st.folder_names[node])
+            node = st.folder_parent[node]
+        nid = st.new_id()
+        tags = [t for t in str(body.get("tags") or "").split(",") if t]
+        exp.files[nid] = {"name": body["name"], "path": "/".join(path), "data": data, "checksum": body["checksum"],
+                          "contentType": part["content_type"], "description": body.get("description"), "tags": tags,
+                          "metadata": orjson.loads(body["metadata"]) if body.get("metadata") else None,
+                          "createdAt": time.time(), "deletedAt": None}
+        st.file_nodes[nid] = exp.id
+        return 201, {"node": {"id": nid, "type": "FILE", "name": body["name"], "parentId": body.get("parentId"),
+                              "experimentId": exp.id},
+                     "physicalFile": {"id": nid, "filename": body["name"], "contentType": part["content_type"],
+                                      "sizeBytes": str(len(data)), "checksum": body["checksum"]}}
+
+    def _file_node(self, method: str, nid: str, body: Any) -> tuple[int, Any]:
+        """``PATCH`` (description, tags, metadata), ``DELETE`` (soft) or ``GET`` of a file node."""
+        f = self.store.experiments[self.store.file_nodes[nid]].files[nid]
+        if method == "DELETE":
+            if f["deletedAt"] is not None:
+                return 404, {"error": "file not found"}
+            f["deletedAt"] = time.time()
+            return 200, {"id": nid, "deletedAt": f["deletedAt"]}
+        if method == "PATCH" and isinstance(body, dict):
+            f.update({k: body[k] for k in ("description", "tags", "metadata") if k in body})
+        return 200, {"id": nid, "name": f["name"], "description": f["description"], "tags": f["tags"],
+                     "metadata": f["metadata"]}
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A ``multipart/form-data`` body as its fields; the file part as ``{"filename", "content_type", "data"}``."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    out: dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True)
+        if part.get_filename() is not None:
+            out[str(name)] = {"filename": part.get_filename(), "content_type": part.get_content_type(), "data": data}
+        else:
+            out[str(name)] = data.decode() if isinstance(data, bytes) else data
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -389,6 +486,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
 
     def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         try:
@@ -423,9 +523,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        ctype = self.headers.get("Content-Type") or ""
         try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
+            body = _form(ctype, raw) if ctype.startswith("multipart/form-data") else orjson.loads(raw) if raw else None
+        except (orjson.JSONDecodeError, ValueError):
             body = None
         wanted = ("authorization", "idempotency-key", "content-type")
         headers = {k.lower(): v for k, v in self.headers.items() if k.lower() in wanted}
