@@ -247,3 +247,65 @@ def test_a_refused_upload_goes_to_a_dead_letter_and_the_other_files_and_the_stat
     assert dead[0]["item"]["meta"]["checksum"] == hashlib.sha256(b"too big, says the server").hexdigest()
     assert TOKEN not in (agent.state_dir / "deadletter" / "dash.jsonl").read_text()
     assert not list((agent.state_dir / "dash-files").iterdir())
+
+
+FILES_SCRIPT = """
+import os, sys
+if sys.argv[1] == "ml_dash":
+    from ml_dash import Experiment
+    kw = {}
+else:
+    from dashcar import Experiment
+    kw = {"echo_logs": False}
+with Experiment(prefix="alice/robotics/2026/files-run", dash_url=os.environ["URL"], dash_root=None, **kw).run as exp:
+    exp.files("models").upload(os.environ["BIG"], description="epoch 1", tags=["ckpt", "best"], metadata={"epoch": 1})
+    exp.files("configs").save_json({"lr": 0.1, "layers": [64, 64]}, to="config.json")
+    exp.files("notes").save_text("hello", to="deep/er/readme.txt")
+    exp.files().save_blob(b"\\x00\\x01" * 1000, to="raw.bin")
+"""
+
+
+def test_the_same_file_calls_through_ml_dash_and_through_dashcar_leave_the_server_the_same_files(
+    agent_factory: Any, fakes: list[FakeMlDash], dirs: Path
+) -> None:
+    """Compared: each file's folders under the experiment, name, bytes, checksum, content type, description,
+    tags and metadata as the server stored them, and the FOLDER chain each client created."""
+    import os
+    import subprocess
+    import sys
+
+    theirs, ours = server(fakes), server(fakes)
+    config = dirs / "mldash-config"
+    config.mkdir()
+    (config / "tokens.json").write_text(json.dumps({"ml-dash-token": TOKEN}))
+    big = dirs / "model.pt"
+    big.write_bytes(bytes(range(256)) * 1024)
+    env = {**os.environ, "ML_DASH_NO_VERSION_CHECK": "1", "ML_DASH_CONFIG_DIR": str(config), "BIG": str(big)}
+    script = dirs / "script.py"
+    script.write_text(FILES_SCRIPT)
+    ref = subprocess.run([sys.executable, str(script), "ml_dash"], env={**env, "URL": theirs.url}, capture_output=True,
+                         text=True, timeout=60, cwd=dirs)
+    assert ref.returncode == 0, ref.stderr
+    assert not big.exists(), "ml_dash deletes an uploaded file that lives under the temp dir (a bug dashcar does not copy)"
+    big.write_bytes(bytes(range(256)) * 1024)
+    agent: AgentHandle = agent_factory(*FAST).start()
+    res = subprocess.run([sys.executable, str(script), "dashcar"], env={**agent.env(), **env, "URL": ours.url},
+                         capture_output=True, text=True, timeout=60, cwd=dirs)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res
+    assert flush_remote(agent, 15)
+    assert big.exists()
+
+    def files(fake: FakeMlDash) -> dict[tuple[str, str], tuple[Any, ...]]:
+        e = fake.store.by_prefix("alice/robotics/2026/files-run")
+        assert e is not None
+        return {k: (f["data"], f["checksum"], f["contentType"], f["description"], f["tags"], f["metadata"])
+                for k, f in on_server(e).items()}
+
+    def folders(fake: FakeMlDash) -> list[tuple[Any, ...]]:
+        return sorted((r.body["name"], "experimentId" in r.body) for r in fake.calls("POST", "/nodes$")
+                      if r.body.get("type") == "FOLDER")
+
+    a, b = files(theirs), files(ours)
+    assert set(a) == {("models", "model.pt"), ("configs", "config.json"), ("notes/deep/er", "readme.txt"), ("", "raw.bin")}
+    assert a == b
+    assert folders(theirs) == folders(ours)

@@ -325,6 +325,14 @@ class FakeMlDash:
                 return 200, {"data": {"namespace": None}}
             projects = [{"id": pid, "slug": slug} for (n, slug), pid in st.projects.items() if n == ns]
             return 200, {"data": {"namespace": {"projects": projects}}}
+        if "project(" in query and "nodes(" in query:
+            # The real client's GetExperimentNode (by project id) and GetExperimentPath (by slugs).
+            pid = variables.get("projectId") or st.projects.get((variables.get("namespaceSlug"), variables.get("projectSlug")))
+            return 200, {"data": {"project": {"nodes": self._tree(str(pid), "ROOT")} if pid else None}}
+        if "GetExpInfo" in query:
+            exp = st.experiments.get(str(variables.get("experimentId")))
+            info = {"project": {"slug": exp.project, "namespace": {"slug": exp.ns}}} if exp else None
+            return 200, {"data": {"experimentById": info}}
         if "GetExperimentNode" in query:
             exp = st.experiments.get(str(variables.get("experimentId")))
             return 200, {"data": {"experimentNode": {"id": exp.node} if exp else None}}
@@ -348,6 +356,21 @@ class FakeMlDash:
             return 200, {"data": {"experimentById": {"filesPaginated": {
                 "files": page, "totalCount": len(live), "hasMore": offset + limit < len(live)}}}}
         return 200, {"errors": [{"message": "unknown query"}]}
+
+    def _tree(self, pid: str, parent: str) -> list[dict[str, Any]]:
+        """A project's nodes under ``parent``: folders and experiments, each with its children."""
+        st = self.store
+        out: list[dict[str, Any]] = []
+        for (p, par, name), nid in st.folders.items():
+            if p == pid and par == parent:
+                out.append({"id": nid, "name": name, "type": "FOLDER", "experimentId": None, "parentId": parent,
+                            "children": self._tree(pid, nid)})
+        for (p, par, name), eid in st.exp_by_key.items():
+            if p == pid and par == parent:
+                node = st.experiments[eid].node
+                out.append({"id": node, "name": name, "type": "EXPERIMENT", "experimentId": eid, "parentId": parent,
+                            "children": self._tree(pid, node)})
+        return out
 
     def _node(self, ns: str, body: Any) -> tuple[int, Any]:
         st = self.store
