@@ -337,6 +337,16 @@ def _copy_fd(src: int, dest: str, tries: int | None) -> tuple[Stored, bool]:
     return Stored(size, h.hexdigest()), torn
 
 
+def store_put(source: list[Any], dest: str, size: int | None, pid: int) -> Stored:
+    """Store a put's bytes as ``dest`` from its source: ``["inline", bytes]``, ``["spool", abspath]``
+    or the caller's ``["path", ...]`` (read with producer ``pid``'s rights)."""
+    if source[0] == "inline":
+        return store_bytes(source[1], dest)
+    if source[0] == "spool":
+        return store_spool(source[1], dest, size)
+    return store_path(source, dest, pid)
+
+
 def store_copy(source: str, dest: str) -> Stored:
     """``duplicate``: link (else copy) a stored file to ``dest``; stored files are never written again."""
     _make_dirs(os.path.dirname(dest))

@@ -662,12 +662,8 @@ class DashSink:
                     raise kept_files.FileLost("no_source", f"file {src_id} to duplicate is no longer at hand")
                 ctype = ctype or rec.files[src_id][3]
                 kept = kept_files.store_copy(source, dest)
-            elif item.source[0] == "inline":
-                kept = kept_files.store_bytes(item.source[1], dest)
-            elif item.source[0] == "spool":
-                kept = kept_files.store_spool(item.source[1], dest, item.meta.get("size"))
             else:
-                kept = kept_files.store_path(item.source, dest, item.pid)
+                kept = kept_files.store_put(item.source, dest, item.meta.get("size"), item.pid)
         except kept_files.FileLost as lost:
             self._count_file(rec, "files_lost")
             self._count_file(rec, "files_lost_" + lost.reason)

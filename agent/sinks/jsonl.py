@@ -350,12 +350,8 @@ class JsonlSink:
                 if src.get("deletedAt") is not None:
                     raise files.FileLost("no_source", f"file {item.source[1]} to duplicate was deleted")
                 stored = files.store_copy(os.path.join(files.id_dir(item.run, src["path"], src["id"]), src["filename"]), dest)
-            elif item.source[0] == "inline":
-                stored = files.store_bytes(item.source[1], dest)
-            elif item.source[0] == "spool":
-                stored = files.store_spool(item.source[1], dest, item.meta.get("size"))
             else:
-                stored = files.store_path(item.source, dest, item.pid)
+                stored = files.store_put(item.source, dest, item.meta.get("size"), item.pid)
         except files.FileLost as lost:
             try:
                 os.rmdir(os.path.dirname(dest))

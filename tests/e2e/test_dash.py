@@ -12,46 +12,19 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import AgentHandle, read_json, read_jsonl, run_producer, wait_until
-from tests.fakes.mldash_server import Experiment, FakeMlDash
-
-TOKEN = "tok-e2e-" + "k" * 20
-FAST = ("--merge-window-s", "0.2", "--dash-timeout-s", "2", "--dash-retry-max-s", "1")
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeMlDash]]:
-    made: list[FakeMlDash] = []
-    yield made
-    for f in made:
-        f.stop()
-
-
-def server(fakes: list[FakeMlDash], **kw: Any) -> FakeMlDash:
-    fake = FakeMlDash(tokens={TOKEN}, **kw).start()
-    fakes.append(fake)
-    return fake
-
-
-def holding(fake: FakeMlDash, prefix: str, status: str = "COMPLETED") -> Experiment | None:
-    e = fake.store.by_prefix(prefix)
-    return e if e is not None and e.status == status else None
+from tests.e2e.dash_common import FAST, TOKEN, flush_remote, holding, server
+from tests.fakes.mldash_server import FakeMlDash
 
 
 def remote(agent: AgentHandle) -> dict[str, Any]:
     dash: dict[str, Any] = agent.status()["sinks"]["dash"]
     return dash
-
-
-def flush_remote(agent: AgentHandle, timeout_s: float) -> bool:
-    reply = agent.request({"op": "flush", "remote": True, "timeout_s": timeout_s}, timeout_s + 2)
-    return bool(reply and reply["ok"])
 
 
 def test_a_30s_outage_mid_run_costs_local_files_nothing_and_the_restarted_server_gets_every_point_once(

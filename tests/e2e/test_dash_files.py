@@ -9,41 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import AgentHandle, run_producer, wait_until
+from tests.e2e.dash_common import FAST, TOKEN, flush_remote, holding, server
 from tests.fakes.mldash_server import Experiment, FakeMlDash
-
-TOKEN = "tok-files-" + "k" * 20
-FAST = ("--merge-window-s", "0.2", "--dash-timeout-s", "2", "--dash-retry-max-s", "1")
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeMlDash]]:
-    made: list[FakeMlDash] = []
-    yield made
-    for f in made:
-        f.stop()
-
-
-def server(fakes: list[FakeMlDash], **kw: Any) -> FakeMlDash:
-    fake = FakeMlDash(tokens={TOKEN}, **kw).start()
-    fakes.append(fake)
-    return fake
-
-
-def completed(fake: FakeMlDash, prefix: str) -> Experiment | None:
-    e = fake.store.by_prefix(prefix)
-    return e if e is not None and e.status == "COMPLETED" else None
-
-
-def flush_remote(agent: AgentHandle, timeout_s: float) -> bool:
-    reply = agent.request({"op": "flush", "remote": True, "timeout_s": timeout_s}, timeout_s + 2)
-    return bool(reply and reply["ok"])
 
 
 def on_server(e: Experiment) -> dict[tuple[str, str], dict[str, Any]]:
@@ -87,7 +60,7 @@ def test_every_file_operation_of_a_run_reaches_the_server_as_the_local_index_has
         """,
         {**agent.env(), "DASHCAR_DASH_TOKEN": TOKEN},
     )
-    e = wait_until(lambda: completed(fake, prefix), 30, "the run complete on the server")
+    e = wait_until(lambda: holding(fake, prefix), 30, "the run complete on the server")
     run = agent.data_dir / prefix
     local = local_index(run)
     held = on_server(e)
@@ -145,7 +118,7 @@ def test_a_remote_only_run_ships_small_and_path_handed_files_and_loses_a_vanishe
         {**agent.env(), "DASHCAR_DASH_TOKEN": TOKEN},
     )
     assert res.stdout.startswith("big: run 'alice/remote-files/run' keeps no local files"), res.stdout
-    e = wait_until(lambda: completed(fake, prefix), 30, "the run complete on the server")
+    e = wait_until(lambda: holding(fake, prefix), 30, "the run complete on the server")
     held = on_server(e)
     assert set(held) == {("cfg", "a.json"), ("w", "weights.bin")}
     assert held[("w", "weights.bin")]["data"] == keep.read_bytes()
@@ -175,7 +148,7 @@ def test_an_unanswered_upload_is_read_back_not_sent_twice_even_across_an_agent_s
         """,
         {**agent.env(), "DASHCAR_DASH_TOKEN": TOKEN},
     )
-    wait_until(lambda: completed(fake, prefix), 30, "the run and its models/ folder exist on the server")
+    wait_until(lambda: holding(fake, prefix), 30, "the run and its models/ folder exist on the server")
     # From here on, every POST to the nodes route is a file upload.
     uploads = r"/api/namespaces/alice/nodes$"
     if fault == "stall":
@@ -225,7 +198,7 @@ def test_a_refused_upload_goes_to_a_dead_letter_and_the_other_files_and_the_stat
         """,
         {**agent.env(), "DASHCAR_DASH_TOKEN": TOKEN},
     )
-    wait_until(lambda: completed(fake, prefix), 30, "the run exists on the server")
+    wait_until(lambda: holding(fake, prefix), 30, "the run exists on the server")
     rule = fake.fail(r"/api/namespaces/alice/nodes$", "status", status=413, method="POST", times=1)
     run_producer(
         f"""

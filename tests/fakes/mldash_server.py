@@ -327,7 +327,8 @@ class FakeMlDash:
             return 200, {"data": {"namespace": {"projects": projects}}}
         if "project(" in query and "nodes(" in query:
             # The real client's GetExperimentNode (by project id) and GetExperimentPath (by slugs).
-            pid = variables.get("projectId") or st.projects.get((variables.get("namespaceSlug"), variables.get("projectSlug")))
+            slugs = (str(variables.get("namespaceSlug")), str(variables.get("projectSlug")))
+            pid = variables.get("projectId") or st.projects.get(slugs)
             return 200, {"data": {"project": {"nodes": self._tree(str(pid), "ROOT")} if pid else None}}
         if "GetExpInfo" in query:
             exp = st.experiments.get(str(variables.get("experimentId")))
