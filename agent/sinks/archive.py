@@ -8,6 +8,13 @@ Layout under the URI's prefix (``s3://bucket/prefix`` or ``file:///path``)
   ``=``); the rows carry the true names in ``run`` and ``name``. ``first``-``last`` is the
   range of stream batches the object came from, ``writer`` a random id kept in the sink's
   state (two agents, or a state dir made anew, never share a key).
+- Files: a put's or copy's bytes are the object ``files/run_dir=<run>/<id>/<filename>`` (id
+  and file name through ``key_name``), and every file operation is a row of
+  ``file_events/run_dir=<run>/<first>-<last>-<writer>-<part>.parquet`` (``FILE_EVENT_COLUMNS``:
+  the call's fields, ``object_key`` relative to the URI, size and SHA-256 of the stored bytes,
+  ``replaces``/``superseded`` for ML-Dash's overwrite by path and name, ``updated`` for an
+  update's fields, ``lost`` with its reason when no bytes could be had). The run's file state
+  (ids, keys, checksums, live names, copies waiting for their source) is in its state.
 - Columns follow one schema policy (``column``): numbers are DOUBLE, bools BOOLEAN, strings
   VARCHAR, flat numeric lists DOUBLE[], anything else JSON text. A field's type is fixed the
   first time a run's series has a value for it (kept in the state); a later value that does
@@ -22,6 +29,14 @@ Invariants
   the cursor deletes it. A send that finds a plan rebuilds its ranges first (same keys, same
   bytes: a retry or a replay after a crash overwrites, never duplicates); a plan range the
   new batches cannot rebuild (the cursor skipped into it) is deleted from the store first.
+- Files go before the rows that name them: the keys a send's puts and copies may write join
+  the committed plan first, then the bytes are streamed (hashed on the way, never held whole)
+  or copied on the server from an object the archive holds, then the ``file_events`` objects
+  join the plan and go with the other tables. A key is a function of (run, id, filename), so
+  a replay overwrites it; one that ends up holding nothing (the source was lost) leaves the
+  plan and is deleted like any dropped key. A put of an id the run's state holds is the same
+  call again (re-sent by a producer): skipped. A file whose bytes could not be had is a row
+  with ``lost``, counted per run (``files_lost_<reason>``), and never stops the sink.
 - A run's state (prefix, counts, the types of its fields) is committed with the cursor and kept
   after the run ends, so a run opened again continues its manifest and its types; only runs
   still open are held in memory.

@@ -479,3 +479,35 @@ def test_agent_sigkills_while_files_ship_leave_every_object_and_one_row_per_oper
     st = agent.status()["sinks"]["archive"]
     assert st["files_lost"] == 0 and st["planned_objects"] == 0 and st["replayed"] > 0
     assert not client(moto.endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads"), "no multipart upload left"
+
+
+def test_the_s3_store_streams_copies_past_the_copy_limit_and_leaves_nothing_of_a_failed_upload(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dashcar.agent.sinks import archive
+
+    bucket = "store"
+    client(moto.endpoint).create_bucket(Bucket=bucket)
+    for k, v in s3_env(moto.endpoint).items():
+        monkeypatch.setenv(k, v)
+    store = archive.S3Store(archive.parse_uri(f"s3://{bucket}/p", moto.endpoint), 10.0)
+    data = os.urandom(3 << 20)
+    assert store.put_stream("p/a", lambda write: [write(data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)])
+    store.copy("p/a", "p/b", len(data))
+    monkeypatch.setattr(archive, "COPY_OBJECT_MAX", 1)
+    store.copy("p/a", "p/c", len(data))
+    for key in ("p/b", "p/c"):
+        assert client(moto.endpoint).get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    for size in (1, 5 << 30):
+        monkeypatch.setattr(archive, "COPY_OBJECT_MAX", 2 if size == 1 else 5 << 30)
+        with pytest.raises(FileNotFoundError):
+            store.copy("p/missing", "p/d", size)
+
+    def torn(write: Any) -> None:
+        write(b"half of it")
+        raise OSError("read failed")
+
+    with pytest.raises(OSError, match="read failed"):
+        store.put_stream("p/e", torn)
+    left = {k for k in objects(moto.endpoint, bucket) if not k.endswith("/")}  # pyarrow's directory marker is no object
+    assert left == {"p/a", "p/b", "p/c"}, "a failed upload leaves no object"
