@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -360,3 +360,89 @@ def store_copy(source: str, dest: str) -> Stored:
         return _copy_fd(_open_source(source, None, source), dest, None)[0]
     layout.fsync_dir(os.path.dirname(dest))
     return hash_file(dest)
+
+
+# ------------------------------------------------------------------ remote sinks: reading a put's bytes
+def open_spool(spool: str) -> int:
+    """Open a spool file read-only, not following a symlink at ``files``, ``.incoming`` or the file.
+
+    :raises FileLost: the spool dir or file vanished, is no regular file, or cannot be read.
+    """
+    spool_dir, name = os.path.split(spool)
+    try:
+        files_fd = os.open(os.path.dirname(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            dir_fd = os.open(os.path.basename(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=files_fd)
+        finally:
+            os.close(files_fd)
+    except FileNotFoundError as exc:
+        raise FileLost("vanished", f"spool dir {spool_dir}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise FileLost("not_regular" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else "unreadable",
+                       f"spool dir {spool_dir}: {exc.strerror}") from exc
+    try:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            raise FileLost("vanished", f"spool file {spool}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise FileLost("not_regular", f"spool file {spool} is no regular file")
+        return _open_source(name, dir_fd, spool)
+    finally:
+        os.close(dir_fd)
+
+
+def open_put_source(source: list[Any], pid: int, size: int | None, stored: str | None = None) -> tuple[int, bool]:
+    """Open a put's ``spool`` or ``path`` source for a remote sink: the fd (read-only) and whether
+    it is not what it was at the call (a path's ``stat``, a spool file's size).
+
+    For a ``path`` source, ``stored`` (the run's local copy, ``proto.stored_file_path``) is read
+    instead when it is there: the bytes the local index describes, whatever the caller did to its
+    file since. Either file must pass ``may_read`` for producer ``pid``, as ``store_path`` checks.
+
+    :raises FileLost: the source vanished, is no regular file, cannot be read, or is not the producer's to hand over.
+    """
+    if source[0] == "spool":
+        fd = open_spool(source[1])
+        return fd, size is not None and os.fstat(fd).st_size != size
+    _, abspath, call_size, mtime_ns, ino, dev = source
+    if stored is not None:
+        try:
+            fd = os.open(stored, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
+        except OSError:
+            pass
+        else:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and may_read(st, pid):
+                return fd, st.st_size != call_size
+            os.close(fd)
+    fd = _open_source(abspath, None, abspath)
+    st = os.fstat(fd)
+    if not may_read(st, pid):
+        os.close(fd)
+        raise FileLost("not_owner", f"{abspath} belongs to uid {st.st_uid}, not to the producer's user")
+    return fd, (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != (call_size, mtime_ns, ino, dev)
+
+
+def read_into(fd: int, write: Callable[[bytes], object]) -> tuple[Stored, bool]:
+    """Read the open file ``fd`` from its start into ``write`` in ``CHUNK`` pieces, hashing it; the
+    size and SHA-256 of what was read, and whether the file changed while it was read (torn).
+
+    ``fd`` stays open. A read error is a loss (``FileLost``); what ``write`` raises goes through.
+    """
+    before = os.fstat(fd)
+    h = hashlib.sha256()
+    pos = 0
+    while True:
+        try:
+            chunk = os.pread(fd, CHUNK, pos)
+        except OSError as exc:
+            raise FileLost("unreadable", f"reading at {pos}: {exc.strerror}") from exc
+        if not chunk:
+            break
+        write(chunk)
+        h.update(chunk)
+        pos += len(chunk)
+    after = os.fstat(fd)
+    torn = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or after.st_size != pos
+    return Stored(pos, h.hexdigest()), torn

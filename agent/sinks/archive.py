@@ -8,6 +8,13 @@ Layout under the URI's prefix (``s3://bucket/prefix`` or ``file:///path``)
   ``=``); the rows carry the true names in ``run`` and ``name``. ``first``-``last`` is the
   range of stream batches the object came from, ``writer`` a random id kept in the sink's
   state (two agents, or a state dir made anew, never share a key).
+- Files: a put's or copy's bytes are the object ``files/run_dir=<run>/<id>/<filename>`` (id
+  and file name through ``key_name``), and every file operation is a row of
+  ``file_events/run_dir=<run>/<first>-<last>-<writer>-<part>.parquet`` (``FILE_EVENT_COLUMNS``:
+  the call's fields, ``object_key`` relative to the URI, size and SHA-256 of the stored bytes,
+  ``replaces``/``superseded`` for ML-Dash's overwrite by path and name, ``updated`` for an
+  update's fields, ``lost`` with its reason when no bytes could be had). The run's file state
+  (ids, keys, checksums, live names, copies waiting for their source) is in its state.
 - Columns follow one schema policy (``column``): numbers are DOUBLE, bools BOOLEAN, strings
   VARCHAR, flat numeric lists DOUBLE[], anything else JSON text. A field's type is fixed the
   first time a run's series has a value for it (kept in the state); a later value that does
@@ -22,6 +29,14 @@ Invariants
   the cursor deletes it. A send that finds a plan rebuilds its ranges first (same keys, same
   bytes: a retry or a replay after a crash overwrites, never duplicates); a plan range the
   new batches cannot rebuild (the cursor skipped into it) is deleted from the store first.
+- Files go before the rows that name them: the keys a send's puts and copies may write join
+  the committed plan first, then the bytes are streamed (hashed on the way, never held whole)
+  or copied on the server from an object the archive holds, then the ``file_events`` objects
+  join the plan and go with the other tables. A key is a function of (run, id, filename), so
+  a replay overwrites it; one that ends up holding nothing (the source was lost) leaves the
+  plan and is deleted like any dropped key. A put of an id the run's state holds is the same
+  call again (re-sent by a producer): skipped. A file whose bytes could not be had is a row
+  with ``lost``, counted per run (``files_lost_<reason>``), and never stops the sink.
 - A run's state (prefix, counts, the types of its fields) is committed with the cursor and kept
   after the run ends, so a run opened again continues its manifest and its types; only runs
   still open are held in memory.
@@ -32,6 +47,9 @@ Invariants
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import importlib.abc
 import logging
@@ -40,21 +58,22 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 
-from dashcar.proto import ConfigError, metric_dir_parts, split_name, track_dir_name
+from dashcar.proto import ConfigError, metric_dir_parts, split_name, stored_file_path, track_dir_name
 
-from .. import layout, merge
+from .. import files, layout, merge
 from ..errors import SinkRetryable
-from ..stream import Item, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
+from ..stream import FileItem, Item, LogsItem, MetaItem, ParamsItem, PointsItem, RowsItem, RunItem
 from . import Rejected, WhenFull
 
 if TYPE_CHECKING:
@@ -66,6 +85,7 @@ if TYPE_CHECKING:
     from ..wal import SinkState
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_OBJECT_BYTES: Final = 10 * 1024 * 1024 - 1
 """pyarrow's S3 stream sends an object below its 10 MiB part size in one PutObject."""
@@ -78,6 +98,10 @@ FORMAT: Final = 1
 REMOTE_NICE: Final = 5
 """The archive's thread runs this much kinder than the local sinks: under load, JSONL gets the CPU first."""
 KEY_PART_MAX: Final = 100
+COPY_OBJECT_MAX: Final = 5 * 1024 ** 3
+"""S3's CopyObject copies at most 5 GiB; a larger object is copied as a stream through the agent."""
+FILE_PART_BYTES: Final = 10 * 1024 * 1024
+"""A file's upload gets ``archive_timeout_s`` per this many bytes (one multipart part) as its deadline."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PREFIX_OK = re.compile(r"[A-Za-z0-9._/-]*")
 OVERFLOW: Final = ":json"
@@ -168,6 +192,18 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key`` if it is there."""
 
+    def put_stream(self, key: str, fill: Callable[[Callable[[bytes], object]], _T]) -> _T:
+        """Write ``key`` from what ``fill`` passes to its writer, piece by piece; ``fill``'s result.
+
+        If ``fill`` raises, ``key`` holds nothing of it (a partial object is removed again).
+        """
+
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """Copy object ``src`` (of ``size`` bytes) to ``dst`` within the store.
+
+        :raises FileNotFoundError: the store holds no ``src``.
+        """
+
 
 class FileStore:
     """A directory: each object written to a temp file, fsynced, renamed into place."""
@@ -203,6 +239,56 @@ class FileStore:
         except FileNotFoundError:
             pass
 
+    def _tmp(self, key: str) -> str:
+        return os.path.join(self.tmp, f"{threading.get_ident()}-{os.path.basename(key)}.tmp")
+
+    def _land(self, tmp: str, key: str) -> None:
+        path = os.path.join(self.root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(tmp, path)
+        layout.fsync_dir(os.path.dirname(path))
+
+    def put_stream(self, key: str, fill: Callable[[Callable[[bytes], object]], _T]) -> _T:
+        """Write to a temp file as ``fill`` writes, fsync, rename, fsync the directory."""
+        tmp = self._tmp(key)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        pos = 0
+
+        def write(data: bytes) -> None:
+            nonlocal pos
+            layout.pwrite_all(fd, data, pos)
+            pos += len(data)
+
+        try:
+            result = fill(write)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        self._land(tmp, key)
+        return result
+
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """Hard-link ``src`` (objects are replaced by rename, never written in place), else copy it."""
+        tmp = self._tmp(dst)
+        source = os.path.join(self.root, src)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            shutil.copyfile(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._land(tmp, dst)
+
 
 class S3Store:
     """A bucket through pyarrow's S3 filesystem; objects below 10 MiB go in one PutObject."""
@@ -235,6 +321,44 @@ class S3Store:
             self.fs.delete_file(f"{self.bucket}/{key}")
         except FileNotFoundError:
             pass
+
+    def put_stream(self, key: str, fill: Callable[[Callable[[bytes], object]], _T]) -> _T:
+        """One PutObject below pyarrow's part size, else a multipart upload, parts sent as they fill.
+
+        pyarrow's stream has no abort: closing it (as its destructor would) stores what was
+        written, so after a failure the partial object is deleted again.
+        """
+        path = f"{self.bucket}/{key}"
+        out = self.fs.open_output_stream(path)
+        try:
+            result = fill(out.write)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                out.close()
+            with contextlib.suppress(Exception):
+                self.fs.delete_file(path)
+            raise
+        out.close()
+        return result
+
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """CopyObject on the server; past its 5 GiB limit, read back and written again as a stream."""
+        if size > COPY_OBJECT_MAX:
+            source = self.fs.open_input_stream(f"{self.bucket}/{src}")
+            with source:
+                self.put_stream(dst, lambda write: _pump(source.read, write))
+            return
+        try:
+            self.fs.copy_file(f"{self.bucket}/{src}", f"{self.bucket}/{dst}")
+        except OSError as exc:
+            if "NO_SUCH_KEY" in str(exc) or isinstance(exc, FileNotFoundError):
+                raise FileNotFoundError(errno.ENOENT, f"no object {src}") from exc
+            raise
+
+
+def _pump(read: Callable[[int], bytes], write: Callable[[bytes], object]) -> None:
+    while chunk := read(files.CHUNK):
+        write(chunk)
 
 
 # ----------------------------------------------------------------------------- columns
@@ -407,6 +531,39 @@ class Obj:
     rows: int
 
 
+@dataclass(frozen=True, slots=True)
+class _FileOp:
+    """A ``FileItem`` of a send, where it came from, and its object's key (relative; '' for update, delete)."""
+
+    item: FileItem
+    seq: int
+    index: int
+    rel: str
+
+
+FILE_EVENT_COLUMNS: Final = (
+    "run", "op", "id", "path", "filename", "object_key", "size", "sha256", "content_type", "description", "tags",
+    "bindrs", "metadata", "time", "source_id", "replaces", "superseded", "updated", "lost", "changed_after_call",
+    "_seq", "_index",
+)
+"""The ``file_events`` table's columns, in order (see the module docstring)."""
+
+
+def file_events_schema() -> pa.Schema:
+    """The Arrow schema of a ``file_events`` object."""
+    import pyarrow as pa
+
+    text, texts = pa.string(), pa.list_(pa.string())
+    types = {"size": pa.int64(), "tags": texts, "bindrs": texts, "time": pa.timestamp("us", tz="UTC"),
+             "superseded": pa.bool_(), "updated": texts, "changed_after_call": pa.bool_(), "_seq": pa.int64(),
+             "_index": pa.int64()}
+    return pa.schema([(c, types.get(c, text)) for c in FILE_EVENT_COLUMNS])
+
+
+def _texts(value: object) -> list[str] | None:
+    return None if value is None else [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     """``table`` as Parquet (zstd), the same bytes for the same table."""
     import pyarrow as pa
@@ -490,8 +647,8 @@ class Uploads:
         hit = self.abandoned.get(key)
         return hit is not None and (digest is None or hit[1] != digest)
 
-    def run(self, jobs: list[tuple[str, bytes, Callable[[], None]]], what: str) -> None:
-        """Run ``(key, digest, call)`` jobs, a few at a time, each within the deadline.
+    def run(self, jobs: list[tuple[str, bytes, Callable[[], None]]], what: str, timeouts: list[float] | None = None) -> None:
+        """Run ``(key, digest, call)`` jobs, a few at a time, each within the deadline (``timeouts``: per job).
 
         :raises SinkRetryable: one failed or missed its deadline (the others of its wave finish first).
         """
@@ -510,7 +667,8 @@ class Uploads:
                 done = threading.Event()
                 worker.jobs.put((call, done, errors, j))
                 running.append((worker, done))
-            deadline = time.monotonic() + self.timeout_s
+            wait_s = max(timeouts[i:i + UPLOADS_AT_ONCE]) if timeouts else self.timeout_s
+            deadline = time.monotonic() + wait_s
             late: list[str] = []
             for (key, digest, _), (worker, done) in zip(wave, running, strict=True):
                 while not done.is_set() and not self.stopping.is_set() and time.monotonic() < deadline:
@@ -524,7 +682,7 @@ class Uploads:
             if late and self.stopping.is_set():
                 raise SinkRetryable(f"the agent is stopping: {what} of {late[0]} abandoned (the backlog stays in the WAL)")
             if late:
-                raise SinkRetryable(f"{what} of {late[0]} took more than {self.timeout_s:g}s (abandoned, retried)")
+                raise SinkRetryable(f"{what} of {late[0]} took more than {wait_s:g}s (abandoned, retried)")
             failed = next((e for e in errors if e is not None), None)
             if failed is not None:
                 raise SinkRetryable(f"{what} failed: {failed}") from failed
@@ -564,7 +722,14 @@ class ArchiveSink:
         self._final: set[str] = set()
         self._refused: list[Rejected] = []
         self._niced = 0
-        self.counters = {"objects": 0, "bytes": 0, "rows": 0, "manifests": 0, "replayed": 0, "deleted": 0}
+        self.counters = {"objects": 0, "bytes": 0, "rows": 0, "manifests": 0, "replayed": 0, "deleted": 0,
+                         "files_shipped": 0, "file_bytes": 0, "files_lost": 0, "files_changed_after_call": 0}
+        self.files_lost_by_reason: dict[str, int] = {}
+        self.files_lost_by_run: dict[str, int] = {}
+        self._file_counts: list[tuple[str, str, int]] = []
+        """Counts of the send under way, ``(run, name, n)``: added to the sink's figures once committed."""
+        self._shipped: dict[str, tuple[int, str, bool]] = {}
+        """File objects this process stored for a plan not yet committed (a retry does not send them again)."""
 
     # ---------------------------------------------------------------- open
     def open(self, state: SinkState) -> None:
@@ -648,12 +813,20 @@ class ArchiveSink:
             ranges.append((start, last))
         objs: list[Obj] = []
         plan: list[list[Any]] = []
+        fops: list[tuple[int, int, list[_FileOp]]] = []
+        self._file_counts = []
         for lo, hi in ranges:
-            made = self._build(state, [by_seq[s] for s in range(lo, hi + 1)], lo, hi)
+            ops: list[_FileOp] = []
+            made = self._build(state, [by_seq[s] for s in range(lo, hi + 1)], lo, hi, ops)
             objs.extend(made)
             plan.append([lo, hi, [o.key for o in made]])
+            fops.append((lo, hi, ops))
+        if any(ops for _, _, ops in fops):
+            for entry, (landed, events) in zip(plan, self._ship_files(state, plan, fops), strict=True):
+                entry[2].extend([*landed, *(o.key for o in events)])
+                objs.extend(events)
         if plan != self.plan:
-            dropped = {k for p in self.plan for k in p[2]} - {o.key for o in objs}
+            dropped = {k for p in self.plan for k in p[2]} - {k for p in plan for k in p[2]}
             if dropped:
                 self._delete(sorted(dropped))
             self.plan = plan
@@ -702,6 +875,8 @@ class ArchiveSink:
         for key in keys:
             if self.uploads.busy(key):
                 raise SinkRetryable(f"an abandoned upload of {key} still runs; deleting it once it ends")
+        for key in keys:
+            self._shipped.pop(key, None)
         store = self.store
         assert store is not None
         self.uploads.run([(k, b"", _bound(store.delete, k)) for k in keys], "delete")
@@ -709,8 +884,9 @@ class ArchiveSink:
         log.info("sink=archive deleted %d objects of a range it will not write again", len(keys))
 
     # ---------------------------------------------------------------- build
-    def _build(self, state: SinkState, batches: list[Batch], lo: int, hi: int) -> list[Obj]:
-        """Objects of the stream batches ``lo``..``hi`` (and the run state they change)."""
+    def _build(self, state: SinkState, batches: list[Batch], lo: int, hi: int, fops: list[_FileOp]) -> list[Obj]:
+        """Objects of the stream batches ``lo``..``hi`` (and the run state they change); their file
+        operations are appended to ``fops``, to be shipped by ``_ship_files``."""
         groups: dict[tuple[str, str, str | None, str], _Group] = {}
 
         def group(kind: str, run: str, name: str | None, folder: str = "metrics") -> _Group:
@@ -722,8 +898,11 @@ class ArchiveSink:
 
         for batch in batches:
             seq = batch.seq
-            for item in batch.items:
-                if isinstance(item, RunItem):
+            for index, item in enumerate(batch.items):
+                if isinstance(item, FileItem):
+                    run = self._run(state, item.run)
+                    fops.append(_FileOp(item, seq, index, self._file_rel(run, item)))
+                elif isinstance(item, RunItem):
                     run = self._run(state, item.run)
                     run.update(prefix=item.prefix, root=item.root, info=item.info, status=item.status, reason=item.reason,
                                created_at=item.created_at, closed_at=item.closed_at, counters=item.counters, final=item.final,
@@ -846,15 +1025,266 @@ class ArchiveSink:
             "complete": bool(run["final"]), "local": run["local"], "info": run["info"], "counters": run["counters"],
             "objects": run["objects"], "bytes": run["bytes"], "tracks": series["tracks"], "metrics": series["metrics"],
             "logs": run.get("logs", {"rows": 0, "objects": 0}), "params": run.get("params", {"rows": 0, "objects": 0}),
+            "files": {**run.get("file_counters", {}), "live": sum(1 for e in run.get("file_index", {}).values()
+                                                                  if e["state"] == "live")},
+            "file_events": run.get("file_events", {"rows": 0, "objects": 0}),
         }
         h = hashlib.blake2b(path.encode(), digest_size=4).hexdigest()
         data = orjson.dumps(doc, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
         return self._key("runs", f"run_dir={run['key']}", f"{self.writer}-{h}.json"), data
 
+    # ---------------------------------------------------------------- files
+    def _file_rel(self, run: dict[str, Any], item: FileItem) -> str:
+        """A put's or copy's object key, relative to the URI: ``files/run_dir=<run>/<id>/<filename>``."""
+        if item.op not in ("put", "copy"):
+            return ""
+        return f"files/run_dir={run['key']}/{key_name([item.id])}/{key_name([item.filename])}"
+
+    def _ship_files(
+        self, state: SinkState, plan: list[list[Any]], fops: list[tuple[int, int, list[_FileOp]]]
+    ) -> list[tuple[list[str], list[Obj]]]:
+        """Store the send's files, then make its ``file_events`` objects; per range, the keys of the
+        file objects that landed and the event objects (to upload with the other tables).
+
+        Every key a put or copy may write is in the committed plan before anything is sent, so a
+        range skipped after a crash has its files deleted too; a key that ends up holding nothing
+        (a lost file) leaves the plan and is deleted as the plan's dropped keys are.
+        """
+        store = self.store
+        assert store is not None
+        old = {(p[0], p[1]): p[2] for p in self.plan}
+        interim: list[list[Any]] = []
+        for (lo, hi, keys), (_, _, ops) in zip(plan, fops, strict=True):
+            more = [self._key(op.rel) for op in ops
+                    if op.rel and op.item.id not in self.runs[op.item.run].get("file_index", {})]
+            merged = [*keys, *(k for k in more if k not in keys)]
+            interim.append([lo, hi, [*merged, *(k for k in old.get((lo, hi), []) if k not in merged)]])
+        if interim != self.plan:
+            self.plan = interim
+            self._commit_plan(state)
+        results: dict[str, tuple[int, str, bool] | files.FileLost] = {}
+        jobs: list[tuple[str, bytes, Callable[[], None]]] = []
+        timeouts: list[float] = []
+        for _, _, ops in fops:
+            for op in ops:
+                item = op.item
+                key = self._key(op.rel)
+                run = self.runs[item.run]
+                if item.op != "put" or item.id in run.get("file_index", {}) or key in results:
+                    continue
+                memo = self._shipped.get(key)
+                if memo is not None:
+                    results[key] = memo
+                    continue
+                results[key] = files.FileLost("unreadable", "not read")  # replaced by the job
+                local = None
+                if item.source[0] == "path" and run.get("local", True):
+                    with contextlib.suppress(ValueError):
+                        local = stored_file_path(item.run, item.path, item.id, item.filename)
+                jobs.append((key, _source_digest(item), _bound(self._put_file, store, key, item, local, results)))
+                size = item.source[2] if item.source[0] == "path" else item.meta.get("size") or 0
+                timeouts.append(self.uploads.timeout_s * (1 + int(size) // FILE_PART_BYTES))
+        self.uploads.run(jobs, "file upload", timeouts)
+        out: list[tuple[list[str], list[Obj]]] = []
+        for i, (lo, hi, ops) in enumerate(fops):
+            rows: dict[str, list[dict[str, Any]]] = {}
+            landed: list[str] = []
+            for op in ops:
+                self._file_event(op, results, rows, landed)
+            if i == len(fops) - 1:
+                for path in sorted({op.item.run for _, _, o in fops for op in o}):
+                    run = self.runs[path]
+                    if run["final"]:
+                        for p in run.pop("pending_copies", None) or ():
+                            item = FileItem(*p[:9])
+                            lost = files.FileLost("no_source", f"file {item.source[1]} to duplicate never came")
+                            self._file_lost(_FileOp(item, p[9], p[10], ""), lost, rows)
+            out.append((landed, self._event_objects(lo, hi, rows)))
+        return out
+
+    def _put_file(self, store: Store, key: str, item: FileItem, local: str | None,
+                  results: dict[str, tuple[int, str, bool] | files.FileLost]) -> None:
+        """Upload a put's bytes as ``key`` (on an upload thread), hashing them on the way; a source
+        that changes while it is read is sent again (``files.COPY_TRIES``), then counted changed."""
+        try:
+            if item.source[0] == "inline":
+                data = bytes(item.source[1])
+                store.put(key, data)
+                results[key] = (len(data), hashlib.sha256(data).hexdigest(), False)
+                return
+            for _ in range(files.COPY_TRIES):
+                fd, changed = files.open_put_source(item.source, item.pid, item.meta.get("size"), local)
+                try:
+                    got, torn = store.put_stream(key, functools.partial(files.read_into, fd))
+                finally:
+                    os.close(fd)
+                if not torn:
+                    break
+            results[key] = (got.size, got.checksum, changed or torn)
+        except files.FileLost as lost:
+            results[key] = lost
+
+    def _count_file(self, run: str, name: str, n: int = 1) -> None:
+        c = self.runs[run].setdefault("file_counters", {})
+        c[name] = c.get(name, 0) + n
+        self._file_counts.append((run, name, n))
+
+    def _file_row(self, op: _FileOp, **fields: Any) -> dict[str, Any]:
+        item = op.item
+        meta = item.meta
+        row: dict[str, Any] = {
+            "run": self.runs[item.run]["prefix"], "op": item.op, "id": item.id, "path": item.path or None,
+            "filename": item.filename or None, "time": round(float(meta["time"]) * 1e6) if "time" in meta else None,
+            "_seq": op.seq, "_index": op.index,
+        }
+        if item.op in ("put", "copy"):
+            row.update(content_type=meta.get("content_type") or files.DEFAULT_CONTENT_TYPE, description=meta.get("description"),
+                       tags=_texts(meta.get("tags")) or [], bindrs=_texts(meta.get("bindrs")) or [],
+                       metadata=None if meta.get("metadata") is None else json_text(meta["metadata"]))
+        row.update(fields)
+        return row
+
+    def _file_lost(self, op: _FileOp, lost: files.FileLost, rows: dict[str, list[dict[str, Any]]]) -> None:
+        item = op.item
+        self._count_file(item.run, "files_lost")
+        self._count_file(item.run, "files_lost_" + lost.reason)
+        log.warning("sink=archive run=%s file=%s/%s id=%s lost reason=%s", item.run, item.path.rstrip("/"), item.filename,
+                    item.id, lost)
+        size = item.meta.get("size")
+        rows.setdefault(item.run, []).append(self._file_row(op, lost=lost.reason, size=size if isinstance(size, int) else None))
+
+    def _file_event(self, op: _FileOp, results: dict[str, tuple[int, str, bool] | files.FileLost],
+                    rows: dict[str, list[dict[str, Any]]], landed: list[str]) -> None:
+        """Apply one file operation to the run's file state, in order; its row goes to ``rows``."""
+        item = op.item
+        run = self.runs[item.run]
+        index: dict[str, dict[str, Any]] = run.setdefault("file_index", {})
+        names: dict[str, list[Any]] = run.setdefault("file_names", {})
+        if item.op in ("update", "delete"):
+            e = index.get(item.id)
+            if e is not None and item.op == "delete" and e["state"] == "deleted":
+                return
+            if e is None or e["state"] != "live":
+                self._count_file(item.run, "file_ops_no_target")
+                log.warning("sink=archive run=%s file %s of a %s is not in the run (or deleted)", item.run, item.id, item.op)
+                return
+            where = {"path": e["path"], "filename": e["filename"], "object_key": e["key"]}
+            if item.op == "delete":
+                e["state"] = "deleted"
+                nk = e["path"] + "\0" + e["filename"]
+                if names.get(nk, [None])[0] == item.id:
+                    del names[nk]
+                rows.setdefault(item.run, []).append(self._file_row(op, **where))
+                return
+            given = [k for k in ("description", "tags", "metadata") if k in item.meta]
+            m = item.meta
+            rows.setdefault(item.run, []).append(self._file_row(
+                op, **where, updated=given, description=m.get("description"),
+                tags=_texts(m.get("tags")) if "tags" in m else None,
+                metadata=None if m.get("metadata") is None else json_text(m["metadata"])))
+            return
+        if item.id in index:
+            return  # the same call again (a producer re-sent it after an agent restart): stored once
+        key = self._key(op.rel)
+        extra: dict[str, Any] = {}
+        if item.op == "put":
+            got = results[key]
+            if isinstance(got, files.FileLost):
+                self._file_lost(op, got, rows)
+                return
+            self._shipped[key] = got
+            size, checksum, changed = got
+            origin = op.rel
+            if changed:
+                self._count_file(item.run, "files_changed_after_call")
+                log.warning("sink=archive run=%s file=%s/%s changed between the call and its upload; shipped what was read",
+                            item.run, item.path, item.filename)
+                extra["changed_after_call"] = True
+        else:
+            sid = str(item.source[1])
+            src = index.get(sid)
+            if src is None and not run["final"]:
+                # Its put may still come: a frame re-sent after an agent restart lands after later ones.
+                run.setdefault("pending_copies", []).append([*item, op.seq, op.index])
+                return
+            if src is None or src["state"] not in ("live",):
+                self._file_lost(op, files.FileLost("no_source", f"file {sid} to duplicate is not in the archive"), rows)
+                return
+            size, checksum, origin = src["size"], src["sha256"], src["origin"]
+            if key not in self._shipped:
+                failed: list[BaseException] = []
+                job = _bound(_copy_object, self.store, self._key(origin), key, size, failed)
+                self.uploads.run([(key, _digest(origin.encode()), job)], "file copy",
+                                 [self.uploads.timeout_s * (1 + size // FILE_PART_BYTES)])
+                if failed:
+                    self._file_lost(op, files.FileLost("no_source", f"the archive holds no {origin}"), rows)
+                    return
+                self._shipped[key] = (size, checksum, False)
+            extra["source_id"] = sid
+        t = float(item.meta.get("time", 0.0))
+        entry = {"key": op.rel, "origin": origin, "size": size, "sha256": checksum, "path": item.path,
+                 "filename": item.filename, "state": "live"}
+        nk = item.path + "\0" + item.filename
+        live = names.get(nk)
+        if live is not None and live[1] > t:
+            entry["state"] = "superseded"  # a later call's file holds the name already: this one came late
+            extra["superseded"] = True
+        else:
+            if live is not None:
+                index[live[0]]["state"] = "replaced"
+                extra["replaces"] = live[0]
+            names[nk] = [item.id, t]
+        index[item.id] = entry
+        landed.append(key)
+        self._count_file(item.run, "files_shipped")
+        self._count_file(item.run, "file_bytes", size)
+        rows.setdefault(item.run, []).append(self._file_row(op, object_key=op.rel, size=size, sha256=checksum, **extra))
+        waiting = [p for p in run.get("pending_copies", ()) if p[6][1] == item.id]
+        if waiting:
+            run["pending_copies"] = [p for p in run["pending_copies"] if p[6][1] != item.id]
+            for p in waiting:
+                copy = FileItem(*p[:9])
+                self._file_event(_FileOp(copy, p[9], p[10], self._file_rel(run, copy)), results, rows, landed)
+
+    def _event_objects(self, lo: int, hi: int, rows: dict[str, list[dict[str, Any]]]) -> list[Obj]:
+        """The ``file_events`` objects of one range, one series of parts per run."""
+        import pyarrow as pa
+
+        schema = file_events_schema()
+        meta = {b"dashcar": orjson.dumps({"format": FORMAT, "writer": self.writer, "range": [lo, hi]})}
+        out: list[Obj] = []
+        for path in sorted(rows):
+            run = self.runs[path]
+            got = rows[path]
+            table = pa.Table.from_pylist(got, schema=schema).replace_schema_metadata(meta)
+            try:
+                blobs = split_encode(table, self.roll_rows, self.roll_bytes)
+            except (ValueError, pa.ArrowException) as exc:
+                self._refused.append(Rejected(f"file events of run {run['prefix']!r} cannot be archived: {exc}", []))
+                continue
+            where = f"run_dir={run['key']}"
+            made = [Obj(self._key("file_events", where, f"{lo:012d}-{hi:012d}-{self.writer}-{part:03d}.parquet"),
+                        blob, "file_events", path, None, n) for part, (blob, n) in enumerate(blobs)]
+            agg = run.setdefault("file_events", {"rows": 0, "objects": 0})
+            agg["rows"] += len(got)
+            agg["objects"] += len(made)
+            run["objects"] += len(made)
+            run["bytes"] += sum(len(o.data) for o in made)
+            out.extend(made)
+        return out
+
     # ---------------------------------------------------------------- after
     def committed(self, batches: list[Batch]) -> None:
         """Forget runs whose final manifest is stored (their state stays, for a run opened again)."""
         self.plan = []
+        self._shipped.clear()
+        for run, name, n in self._file_counts:
+            self.counters[name] = self.counters.get(name, 0) + n
+            if name.startswith("files_lost_"):
+                reason = name[len("files_lost_"):]
+                self.files_lost_by_reason[reason] = self.files_lost_by_reason.get(reason, 0) + n
+                self.files_lost_by_run[run] = self.files_lost_by_run.get(run, 0) + n
+        self._file_counts = []
         for path in self._final:
             self.runs.pop(path, None)
         self._final = set()
@@ -874,8 +1304,23 @@ class ArchiveSink:
     def status(self) -> dict[str, Any]:
         """Where the archive goes, what it wrote, and uploads still running past their deadline."""
         return {"uri": self.target.describe(), "writer": self.writer, **self.counters,
+                "files_lost_by_reason": dict(self.files_lost_by_reason), "files_lost_by_run": dict(self.files_lost_by_run),
                 "abandoned_uploads": self.uploads.running(), "planned_objects": sum(len(p[2]) for p in list(self.plan))}
 
 
 def _bound(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
     return lambda: fn(*args)
+
+
+def _source_digest(item: FileItem) -> bytes:
+    """What an upload of a put sends, as far as is known before reading it (for ``Uploads.busy``)."""
+    if item.source[0] == "inline":
+        return _digest(bytes(item.source[1]))
+    return _digest(orjson.dumps(item.source))
+
+
+def _copy_object(store: Store, src: str, dst: str, size: int, failed: list[BaseException]) -> None:
+    try:
+        store.copy(src, dst, size)
+    except FileNotFoundError as exc:
+        failed.append(exc)

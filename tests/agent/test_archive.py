@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,24 @@ from dashcar.agent.sinks import archive, load
 from dashcar.agent.sinks.archive import MAX_OBJECT_BYTES, ArchiveSink, Uploads, parse_uri, run_key, series_key
 from dashcar.agent.sinks.runner import Runner
 from dashcar.agent.wal import Wal
-from dashcar.proto import ConfigError, Frame, Kind, Log, Meta, Metric, Params, RunClose, RunOpen, Track, encode
+from dashcar.proto import (
+    ConfigError,
+    FileCopy,
+    FileDelete,
+    FilePut,
+    FileUpdate,
+    Frame,
+    Kind,
+    Log,
+    Meta,
+    Metric,
+    Params,
+    RunClose,
+    RunOpen,
+    Track,
+    encode,
+    spool_dir,
+)
 
 MERGED = """
     SELECT run, name, timestamp, arg_max(COLUMNS(* EXCLUDE (run, name, timestamp, _seq, run_dir, name_dir)), _seq)
@@ -312,3 +331,193 @@ def test_a_remote_flush_sends_what_the_archive_holds_at_once(tmp_path: Path) -> 
     finally:
         s.runner.stop()
         thread.join(20)
+
+
+# ----------------------------------------------------------------------------- files
+RUN = "alice/robotics/pick-place"
+INDEX = """
+    WITH ev AS (SELECT * FROM read_parquet('{root}/file_events/**/*.parquet', hive_partitioning = true)),
+    f AS (SELECT * FROM ev WHERE op IN ('put', 'copy') AND lost IS NULL AND NOT coalesce(superseded, false)
+          AND id NOT IN (SELECT replaces FROM ev WHERE replaces IS NOT NULL)),
+    u AS (SELECT id, last(description ORDER BY _seq, _index) FILTER (list_contains(updated, 'description')) AS description,
+                 last(tags ORDER BY _seq, _index) FILTER (list_contains(updated, 'tags')) AS tags,
+                 last(metadata ORDER BY _seq, _index) FILTER (list_contains(updated, 'metadata')) AS metadata,
+                 bool_or(list_contains(updated, 'description')) AS d, bool_or(list_contains(updated, 'tags')) AS t,
+                 bool_or(list_contains(updated, 'metadata')) AS m
+          FROM ev WHERE op = 'update' GROUP BY id),
+    d AS (SELECT id, min(time) AS deleted_at FROM ev WHERE op = 'delete' GROUP BY id)
+    SELECT f.run, f.id, f.path, f.filename, f.object_key, f.size, f.sha256, f.content_type,
+           CASE WHEN u.d THEN u.description ELSE f.description END,
+           CASE WHEN u.t THEN u.tags ELSE f.tags END,
+           CASE WHEN u.m THEN u.metadata ELSE f.metadata END,
+           d.deleted_at IS NOT NULL
+    FROM f LEFT JOIN u USING (id) LEFT JOIN d USING (id) ORDER BY f.path, f.filename, f.id
+"""
+"""The run's file index, as the JSONL sink keeps it, from the ``file_events`` table (docs/remote.md has it)."""
+
+
+def _put(fid: str, path: str, name: str, source: list[Any], t: float, **meta: Any) -> tuple[Kind, Any]:
+    return Kind.FILE_PUT, FilePut(fid, path, name, source, {"time": t, **meta})
+
+
+def _path_source(p: Path) -> list[Any]:
+    st = p.stat()
+    return ["path", str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _spool(s: Setup, name: str, data: bytes) -> list[Any]:
+    d = Path(spool_dir(s.root + "/" + RUN))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+    return ["spool", name]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_files_ship_as_objects_and_the_file_events_table_gives_the_run_s_index(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    model = os.urandom(300_000)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(model)
+    big = os.urandom(200_000)
+    gone = tmp_path / "gone.bin"
+    gone.write_bytes(b"soon gone")
+    s.put((Kind.RUN_OPEN, RunOpen({})))
+    s.put(_put("101", "/models", "model.pt", _path_source(ckpt), 10.0, tags=["best"], metadata={"epoch": 3},
+               content_type="application/x-torch"),
+          _put("102", "/configs", "config.json", ["inline", b'{"lr": 0.1}'], 11.0, description="cfg"),
+          _put("103", "/data", "big.bin", _spool(s, "103", big), 12.0, size=len(big)),
+          _put("104", "/", "gone.bin", _path_source(gone), 13.0))
+    gone.unlink()
+    s.put((Kind.FILE_COPY, FileCopy("105", "101", "/models", "latest.pt", {"time": 14.0})),
+          (Kind.FILE_UPDATE, FileUpdate("102", {"description": "config", "tags": ["a", "b"]}, 15.0)),
+          (Kind.FILE_DELETE, FileDelete("103", 16.0)),
+          _put("106", "/configs", "config.json", ["inline", b'{"lr": 0.2}'], 17.0),
+          (Kind.FILE_COPY, FileCopy("107", "999", "/", "orphan.bin", {"time": 18.0})),
+          (Kind.FILE_UPDATE, FileUpdate("888", {"description": "x"}, 19.0)))
+    s.put((Kind.RUN_CLOSE, RunClose("completed", None, 0)))
+    s.drain()
+    key = "files/run_dir=alice_robotics_pick-place"
+    stored = {k: (s.archive / k).read_bytes() for k in s.objects() if k.startswith("files/")}
+    assert stored == {f"{key}/101/model.pt": model, f"{key}/102/config.json": b'{"lr": 0.1}', f"{key}/103/big.bin": big,
+                      f"{key}/105/latest.pt": model, f"{key}/106/config.json": b'{"lr": 0.2}'}
+    assert os.stat(s.archive / key / "101/model.pt").st_ino == os.stat(s.archive / key / "105/latest.pt").st_ino, \
+        "a copy in a directory store is a hard link (a server-side copy on S3)"
+    index = s.sql(INDEX)
+    assert index == [
+        (RUN, "106", "/configs", "config.json", f"{key}/106/config.json", 11, _sha(b'{"lr": 0.2}'), "application/octet-stream",
+         None, [], None, False),
+        (RUN, "103", "/data", "big.bin", f"{key}/103/big.bin", len(big), _sha(big), "application/octet-stream", None, [], None,
+         True),
+        (RUN, "105", "/models", "latest.pt", f"{key}/105/latest.pt", len(model), _sha(model), "application/octet-stream",
+         None, [], None, False),
+        (RUN, "101", "/models", "model.pt", f"{key}/101/model.pt", len(model), _sha(model), "application/x-torch", None,
+         ["best"], '{"epoch":3}', False),
+    ], "102 was overwritten by 106 (same path and name); 103 is deleted; 104 and 107 were lost"
+    lost = s.sql("SELECT id, op, lost, object_key FROM read_parquet('{root}/file_events/**/*.parquet') WHERE lost IS NOT NULL"
+                 " ORDER BY id")
+    assert lost == [("104", "put", "vanished", None), ("107", "copy", "no_source", None)]
+    assert s.sql("SELECT id, replaces FROM read_parquet('{root}/file_events/**/*.parquet') WHERE replaces IS NOT NULL") \
+        == [("106", "102")]
+    upd = s.sql("SELECT id, updated, description, tags FROM read_parquet('{root}/file_events/**/*.parquet') WHERE op = 'update'")
+    assert upd == [("102", ["description", "tags"], "config", ["a", "b"])]
+    times = s.sql("SELECT id, epoch(time) FROM read_parquet('{root}/file_events/**/*.parquet') ORDER BY _seq, _index")
+    assert [t for _, t in times] == [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0], "the calls' times, in call order"
+    st = s.sink.status()
+    assert (st["files_shipped"], st["file_bytes"], st["files_lost"]) == (5, 2 * len(model) + len(big) + 22, 2)
+    assert st["files_lost_by_reason"] == {"vanished": 1, "no_source": 1}
+    assert st["files_lost_by_run"] == {s.root + "/" + RUN: 2}
+    assert st["file_ops_no_target"] == 1
+    manifest = next(k for k in s.objects() if k.startswith("runs/"))
+    doc = json.loads((s.archive / manifest).read_text())
+    assert doc["files"]["files_shipped"] == 5 and doc["files"]["files_lost_vanished"] == 1 and doc["files"]["live"] == 3
+    assert doc["file_events"]["rows"] == 9 and doc["file_events"]["objects"] >= 1
+
+
+def test_a_copy_whose_source_comes_later_waits_for_it(tmp_path: Path) -> None:
+    """A frame re-sent after an agent restart lands after later ones: a duplicate waits for its source."""
+    s = Setup(tmp_path)
+    s.put((Kind.FILE_COPY, FileCopy("2", "1", "/", "b.txt", {"time": 2.0})))
+    s.drain()
+    assert not [k for k in s.objects() if k.startswith("files/")]
+    s.put(_put("1", "/", "a.txt", ["inline", b"hello"], 1.0))
+    s.drain()
+    got = s.sql("SELECT id, op, source_id, sha256 FROM read_parquet('{root}/file_events/**/*.parquet') ORDER BY time")
+    assert got == [("1", "put", None, _sha(b"hello")), ("2", "copy", "1", _sha(b"hello"))]
+    assert (s.archive / "files/run_dir=alice_robotics_pick-place/2/b.txt").read_bytes() == b"hello"
+
+
+def test_a_replay_after_a_crash_ships_files_to_the_same_keys_and_rows_once(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    data = os.urandom(100_000)
+    s.put(_put("1", "/m", "a.bin", _spool(s, "1", data), 1.0, size=len(data)),
+          _put("2", "/m", "b.txt", ["inline", b"b"], 2.0))
+    s.put((Kind.FILE_COPY, FileCopy("3", "1", "/m", "c.bin", {"time": 3.0})), (Kind.FILE_DELETE, FileDelete("2", 4.0)))
+    state = s.runner.state
+    s.sink.open(state)
+    s.sink.send(s.core.batches(0, 10), state)
+    state.discard()  # the agent died before its commit: every object is stored, the cursor did not move
+    before = {k: (s.archive / k).read_bytes() for k in s.objects()}
+    assert state.get(b"plan"), "the plan was committed before anything was uploaded"
+    assert {k for k in before if k.startswith("files/")} == {f"files/run_dir=alice_robotics_pick-place/{k}"
+                                                               for k in ("1/a.bin", "2/b.txt", "3/c.bin")}
+    again = ArchiveSink(s.cfg)
+    s.runner.sink = again
+    s.runner._opened = False
+    s.drain()
+    after = {k: (s.archive / k).read_bytes() for k in s.objects()}
+    assert {k: v for k, v in after.items() if not k.startswith("runs/")} == \
+        {k: v for k, v in before.items() if not k.startswith("runs/")}, "the same keys, byte for byte"
+    rows = s.sql("SELECT id, op, count(*) FROM read_parquet('{root}/file_events/**/*.parquet') GROUP BY ALL ORDER BY id, op")
+    assert rows == [("1", "put", 1), ("2", "delete", 1), ("2", "put", 1), ("3", "copy", 1)]
+    assert again.status()["files_shipped"] == 3 and state.get(b"plan") is None
+
+
+def test_a_range_the_cursor_skipped_into_loses_its_file_objects_too(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.put(_put("1", "/", "a.txt", ["inline", b"a"], 1.0))
+    s.put(_put("2", "/", "b.txt", ["inline", b"b"], 2.0))
+    state = s.runner.state
+    s.sink.open(state)
+    s.sink.send(s.core.batches(0, 10), state)
+    state.discard()
+    assert len([k for k in s.objects() if k.startswith("files/")]) == 2
+    s.runner.skip_to(1)
+    s.runner._skip()
+    s.drain()
+    assert [k for k in s.objects() if k.startswith("files/")] == ["files/run_dir=alice_robotics_pick-place/2/b.txt"]
+    assert s.sql("SELECT id FROM read_parquet('{root}/file_events/**/*.parquet')") == [("2",)]
+
+
+def test_a_large_file_is_streamed_never_held_whole_in_memory(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+    h = hashlib.sha256(big.read_bytes()).hexdigest()
+    s.put(_put("1", "/", "big.bin", _path_source(big), 1.0))
+    tracemalloc.start()
+    try:
+        s.drain()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, f"peak {peak} bytes for a 48 MiB file"
+    assert s.sql("SELECT size, sha256 FROM read_parquet('{root}/file_events/**/*.parquet')") == [(48 << 20, h)]
+    assert (s.archive / "files/run_dir=alice_robotics_pick-place/1/big.bin").stat().st_size == 48 << 20
+
+
+def test_a_file_changed_after_the_call_ships_what_was_read_and_is_counted(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    p = tmp_path / "ckpt.pt"
+    p.write_bytes(b"epoch 1")
+    src = _path_source(p)
+    p.write_bytes(b"epoch 2, longer")
+    s.put(_put("1", "/", "ckpt.pt", src, 1.0))
+    s.drain()
+    assert s.sql("SELECT sha256, changed_after_call FROM read_parquet('{root}/file_events/**/*.parquet')") == \
+        [(_sha(b"epoch 2, longer"), True)]
+    assert s.sink.status()["files_changed_after_call"] == 1

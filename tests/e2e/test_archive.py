@@ -7,14 +7,17 @@ What the bucket holds is read back by DuckDB (httpfs), pandas and ``pyarrow.data
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow.dataset as ds
 import pytest
 
@@ -297,3 +300,214 @@ def test_a_bad_archive_uri_stops_the_agent_at_start_with_a_clear_error(dirs: Pat
     )
     assert res.returncode == STARTUP_FAILURE, res.stderr
     assert "archive_uri 'gs://bucket/prefix': use s3://bucket/prefix or file:///path" in res.stderr
+
+
+# ----------------------------------------------------------------------------- files
+FILES_RUN = "lab/fleet/files-1"
+FILES_PRODUCER = """
+    import json, os, random, sys, dashcar
+    root, work, big = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    exp = dashcar.Experiment(prefix={run!r}, dash_root=root, echo_logs=False).start()
+    def blob(n, seed):
+        return random.Random(seed).randbytes(n)
+    ckpt = os.path.join(work, "model.pt")
+    with open(ckpt, "wb") as f:
+        f.write(blob(big, 1))
+    m = exp.files("models").upload(ckpt, description="ckpt", tags=["best"], metadata={{"epoch": 3}})
+    cfg = exp.files("configs").save_json({{"lr": 0.1}}, to="config.json")
+    exp.files("notes").save_text("hello", to="readme.txt")
+    exp.files("data").save_blob(blob(200_000, 2), to="data.bin")
+    exp.files("data").save_blob(b"tiny", to="tiny.bin")
+    exp.files().duplicate(m, to="models/latest.pt")
+    exp.files(file_id=cfg["id"], description="config v2", tags=["cfg"]).update()
+    exp.files("notes/readme.txt").delete()
+    gone = os.path.join(work, "gone.bin")
+    with open(gone, "wb") as f:
+        f.write(blob(100_000, 3))
+    first = exp.files("tmp").upload(gone)
+    assert exp.flush(60)
+    with open(gone, "wb") as f:
+        f.write(blob(100_000, 4))
+    exp.files("tmp").upload(gone)
+    assert exp.flush(60), "the overwrite removed the first file's local copy"
+    os.unlink(gone)
+    exp.complete()
+    print(first["id"], flush=True)
+"""
+
+
+def local_index(run: Path) -> list[tuple[Any, ...]]:
+    """The run's local file index (the JSONL sink's), shaped like the archive query's rows."""
+    doc = json.loads((run / "files" / ".files_metadata.json").read_text())
+    return sorted((FILES_RUN, e["id"], e["path"], e["filename"], e["sizeBytes"], e["checksum"], e["contentType"],
+                   e["description"], e["tags"], e["metadata"], e["deletedAt"] is not None) for e in doc["files"])
+
+
+def archive_index(con: Any, root: str) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+    """The run's file index from the ``file_events`` table (the query of docs/remote.md), with its object keys."""
+    from tests.agent.test_archive import INDEX
+
+    rows = con.sql(INDEX.format(root=root)).fetchall()
+    return sorted((r[0], r[1], r[2], r[3], r[5], r[6], r[7], r[8], r[9], None if r[10] is None else json.loads(r[10]), r[11])
+                  for r in rows), {r[1]: r[4] for r in rows}
+
+
+def check_files(con: Any, root: str, read: Any, run: Path) -> dict[str, str]:
+    """The archive's index is the local one, every object holds its file's bytes, and every event is one row."""
+    index, keys = archive_index(con, root)
+    assert index == local_index(run), "the table over the objects gives the run's file index"
+    for entry in index:
+        data = read(keys[entry[1]])
+        assert len(data) == entry[4] and hashlib.sha256(data).hexdigest() == entry[5], keys[entry[1]]
+        if not entry[10]:
+            local = next((run / "files").glob(f"**/{entry[1]}/{entry[3]}")).read_bytes()
+            assert data == local, "the object holds the stored bytes"
+    dups = con.sql(f"SELECT id, op, count(*) FROM read_parquet('{root}/file_events/**/*.parquet') GROUP BY ALL"
+                   " HAVING count(*) > 1").fetchall()
+    assert dups == [], "each file operation is one row"
+    return keys
+
+
+@pytest.mark.parametrize("store", ["s3", "file"])
+def test_files_ship_with_their_index_and_a_vanished_source_is_counted_lost(
+    store: str, agent_factory: Any, producers: Any, moto: Moto, dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = "files"
+    big = 12 * 1024 * 1024 if store == "s3" else 300_000  # past one part on S3: a multipart upload
+    if store == "s3":
+        client(moto.endpoint).create_bucket(Bucket=bucket)
+        agent = archive_agent(agent_factory, monkeypatch, moto.endpoint, bucket)
+        root = f"s3://{bucket}/fleet"
+        con = duck(moto.endpoint)
+
+        def read(key: str) -> bytes:
+            return bytes(client(moto.endpoint).get_object(Bucket=bucket, Key=f"fleet/{key}")["Body"].read())
+    else:
+        archive = dirs / "archive"
+        agent = agent_factory("--merge-window-s", "0.05", "--archive-uri", f"file://{archive}")
+        root = str(archive)
+        con = duckdb.connect()
+
+        def read(key: str) -> bytes:
+            return (archive / key).read_bytes()
+    # Held until the run ends: the first upload is overwritten and its source removed before the archive reads it.
+    agent.extra_args += ["--archive-roll-s", "600"]
+    agent.start()
+    work = dirs / "work"
+    work.mkdir()
+    proc = producers(f"import sys; sys.argv = ['p', {str(agent.data_dir)!r}, {str(work)!r}, '{big}']\n"
+                     + textwrap.dedent(FILES_PRODUCER.format(run=FILES_RUN)), agent.env())
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    first = out.split()[0]
+    assert remote_flush(agent, 60), f"archive caught up:\n{agent.log()[-3000:]}"
+    keys = check_files(con, root, read, agent.data_dir / FILES_RUN)
+    assert len(keys) == 7 and first not in keys
+    lost = con.sql(f"SELECT id, lost FROM read_parquet('{root}/file_events/**/*.parquet') WHERE lost IS NOT NULL").fetchall()
+    assert lost == [(first, "vanished")], "the first upload: its local copy was replaced and its source removed"
+    st = agent.status()["sinks"]["archive"]
+    assert st["files_lost_by_reason"] == {"vanished": 1} and st["files_shipped"] == 7 and st["file_bytes"] >= 2 * big
+    assert st["files_lost_by_run"] == {str(agent.data_dir / FILES_RUN): 1}
+    if store == "s3":
+        assert not client(moto.endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads"), "no multipart upload left"
+
+
+KILL_PRODUCER = """
+    import os, random, sys, dashcar
+    root, work = sys.argv[1], sys.argv[2]
+    exp = dashcar.Experiment(prefix={run!r}, dash_root=root, echo_logs=False).start()
+    last = None
+    for phase in range(3):
+        for i in range(phase * 12, phase * 12 + 12):
+            kind = i % 4
+            if kind == 0:
+                p = os.path.join(work, f"big{{i}}.bin")
+                with open(p, "wb") as f:
+                    f.write(random.Random(i).randbytes(150_000))
+                exp.files("a").upload(p)
+            elif kind == 1:
+                last = exp.files("spool").save_blob(random.Random(i).randbytes(90_000), to=f"s{{i}}.bin")
+            elif kind == 2:
+                exp.files("ckpt").save_text(f"epoch {{i}}", to="latest.txt")
+            else:
+                exp.files().duplicate(last, to=f"dup/d{{i}}.bin")
+        if phase == 2:
+            exp.files(file_id=last["id"], description="last").update()
+            exp.files("a/big0.bin").delete()
+        assert exp.flush(60)
+        print("phase", phase, flush=True)
+        sys.stdin.readline()
+    exp.complete()
+    print("done", flush=True)
+"""
+
+
+def test_agent_sigkills_while_files_ship_leave_every_object_and_one_row_per_operation(
+    agent_factory: Any, producers: Any, moto: Moto, proxy: Proxy, dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = "fkill"
+    client(moto.endpoint).create_bucket(Bucket=bucket)
+    agent = archive_agent(agent_factory, monkeypatch, proxy.endpoint, bucket)
+    proxy.set_mode("stall")
+    agent.start()
+    work = dirs / "work"
+    work.mkdir()
+    proc = producers(f"import sys; sys.argv = ['p', {str(agent.data_dir)!r}, {str(work)!r}]\n"
+                     + textwrap.dedent(KILL_PRODUCER.format(run=FILES_RUN)), agent.env())
+    for k, mode in enumerate(["halfopen", "pass"]):
+        next_phase(proc, f"phase {k}")
+        held = proxy.held
+        wait_until(lambda held=held: proxy.held > held, 30, "an upload in flight")
+        if k == 1:
+            wait_until(lambda: any("/files/" in key for key in objects(moto.endpoint, bucket)), 30,
+                       "a half-open upload stored on the server, unanswered")
+        agent.kill()
+        proxy.set_mode(mode)
+        agent.start()
+        go(proc)
+    next_phase(proc, "phase 2")
+    go(proc)
+    next_phase(proc, "done")
+    assert remote_flush(agent, 60), f"archive caught up:\n{agent.log()[-3000:]}"
+
+    def read(key: str) -> bytes:
+        return bytes(client(moto.endpoint).get_object(Bucket=bucket, Key=f"fleet/{key}")["Body"].read())
+
+    keys = check_files(duck(moto.endpoint), f"s3://{bucket}/fleet", read, agent.data_dir / FILES_RUN)
+    stored = {k for k in objects(moto.endpoint, bucket) if k.startswith("fleet/files/")}
+    assert {f"fleet/{k}" for k in keys.values()} <= stored
+    st = agent.status()["sinks"]["archive"]
+    assert st["files_lost"] == 0 and st["planned_objects"] == 0 and st["replayed"] > 0
+    assert not client(moto.endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads"), "no multipart upload left"
+
+
+def test_the_s3_store_streams_copies_past_the_copy_limit_and_leaves_nothing_of_a_failed_upload(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dashcar.agent.sinks import archive
+
+    bucket = "store"
+    client(moto.endpoint).create_bucket(Bucket=bucket)
+    for k, v in s3_env(moto.endpoint).items():
+        monkeypatch.setenv(k, v)
+    store = archive.S3Store(archive.parse_uri(f"s3://{bucket}/p", moto.endpoint), 10.0)
+    data = os.urandom(3 << 20)
+    assert store.put_stream("p/a", lambda write: [write(data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)])
+    store.copy("p/a", "p/b", len(data))
+    monkeypatch.setattr(archive, "COPY_OBJECT_MAX", 1)
+    store.copy("p/a", "p/c", len(data))
+    for key in ("p/b", "p/c"):
+        assert client(moto.endpoint).get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    for size in (1, 5 << 30):
+        monkeypatch.setattr(archive, "COPY_OBJECT_MAX", 2 if size == 1 else 5 << 30)
+        with pytest.raises(FileNotFoundError):
+            store.copy("p/missing", "p/d", size)
+
+    def torn(write: Any) -> None:
+        write(b"half of it")
+        raise OSError("read failed")
+
+    with pytest.raises(OSError, match="read failed"):
+        store.put_stream("p/e", torn)
+    left = {k for k in objects(moto.endpoint, bucket) if not k.endswith("/")}  # pyarrow's directory marker is no object
+    assert left == {"p/a", "p/b", "p/c"}, "a failed upload leaves no object"
