@@ -203,9 +203,12 @@ def store_bytes(data: bytes, dest: str) -> Stored:
     return Stored(len(data), hashlib.sha256(data).hexdigest())
 
 
-def store_spool(spool: str, dest: str, size: int | None) -> Stored:
-    """Link (else copy) a spool file to ``dest``; the spool dir and file must be real, not symlinks."""
-    _make_dirs(os.path.dirname(dest))
+def _spool_entry(spool: str) -> tuple[int, str]:
+    """The spool dir's fd (the caller closes it) and the file's name, once the dir and the file are
+    known to be real (no symlink at ``files``, ``.incoming`` or the file) and the file regular.
+
+    :raises FileLost: the spool dir or file vanished, is no regular file, or cannot be opened.
+    """
     spool_dir, name = os.path.split(spool)
     try:
         files_fd = os.open(os.path.dirname(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -219,12 +222,21 @@ def store_spool(spool: str, dest: str, size: int | None) -> Stored:
         raise FileLost("not_regular" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else "unreadable",
                        f"spool dir {spool_dir}: {exc.strerror}") from exc
     try:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError as exc:
-            raise FileLost("vanished", f"spool file {spool}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise FileLost("not_regular", f"spool file {spool} is no regular file")
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError as exc:
+        os.close(dir_fd)
+        raise FileLost("vanished", f"spool file {spool}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        os.close(dir_fd)
+        raise FileLost("not_regular", f"spool file {spool} is no regular file")
+    return dir_fd, name
+
+
+def store_spool(spool: str, dest: str, size: int | None) -> Stored:
+    """Link (else copy) a spool file to ``dest``; the spool dir and file must be real, not symlinks."""
+    _make_dirs(os.path.dirname(dest))
+    dir_fd, name = _spool_entry(spool)
+    try:
         try:
             os.link(name, dest, src_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
@@ -304,28 +316,19 @@ def _copy_fd(src: int, dest: str, tries: int | None) -> tuple[Stored, bool]:
     try:
         attempt = 0
         while True:
-            before = os.fstat(src)
-            h = hashlib.sha256()
-            size = 0
             pos = 0
-            while True:
-                try:
-                    chunk = os.pread(src, CHUNK, pos)
-                except OSError as exc:
-                    raise FileLost("unreadable", f"{dest}'s source: {exc.strerror}") from exc
-                if not chunk:
-                    break
+
+            def write(chunk: bytes) -> None:
+                nonlocal pos
                 layout.pwrite_all(out, chunk, pos)
-                h.update(chunk)
                 pos += len(chunk)
-                size += len(chunk)
-            after = os.fstat(src)
-            torn = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or after.st_size != size
+
+            stored, torn = read_into(src, write)
             attempt += 1
             if not torn or tries is None or attempt >= tries:
                 break
             os.ftruncate(out, 0)
-        os.ftruncate(out, size)
+        os.ftruncate(out, stored.size)
     except BaseException:
         os.close(out)
         with contextlib.suppress(OSError):
@@ -334,7 +337,7 @@ def _copy_fd(src: int, dest: str, tries: int | None) -> tuple[Stored, bool]:
     finally:
         os.close(src)
     _finish(out, partial, dest)
-    return Stored(size, h.hexdigest()), torn
+    return stored, torn
 
 
 def store_put(source: list[Any], dest: str, size: int | None, pid: int) -> Stored:
@@ -368,25 +371,8 @@ def open_spool(spool: str) -> int:
 
     :raises FileLost: the spool dir or file vanished, is no regular file, or cannot be read.
     """
-    spool_dir, name = os.path.split(spool)
+    dir_fd, name = _spool_entry(spool)
     try:
-        files_fd = os.open(os.path.dirname(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            dir_fd = os.open(os.path.basename(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=files_fd)
-        finally:
-            os.close(files_fd)
-    except FileNotFoundError as exc:
-        raise FileLost("vanished", f"spool dir {spool_dir}: {exc.strerror}") from exc
-    except OSError as exc:
-        raise FileLost("not_regular" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else "unreadable",
-                       f"spool dir {spool_dir}: {exc.strerror}") from exc
-    try:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError as exc:
-            raise FileLost("vanished", f"spool file {spool}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise FileLost("not_regular", f"spool file {spool} is no regular file")
         return _open_source(name, dir_fd, spool)
     finally:
         os.close(dir_fd)
