@@ -203,6 +203,8 @@ class Core:
         self._paths: dict[tuple[str, str], str] = {}
         self._warned: dict[str, float] = {}
         self.spools: dict[int, list[list[Any]]] = {}
+        self._dropped_upto = (0, 0)
+        """The ``(wal_upto, out_upto)`` of the last commit: an idle step deletes only when a horizon moved."""
         """Per stream batch, the spool files it named (``["file", path]``) and the spool dirs of
         runs it closed (``["sweep", dir, time]``): released once every sink has passed it."""
 
@@ -389,8 +391,13 @@ class Core:
                     book.count(book.runs[tkey[0]], "clashes", clashes)
         rows_items = self._settle(s, settle_all)
         if not records and not rows_items and not s.acks and not book.dirty_runs:
-            if self.spools and min(self.spools) <= self._out_upto():
-                self.wal.commit_core(None, {}, self._release_spools(), out_upto=self._out_upto())
+            # Idle: still drop what the sinks passed since the last commit. Ingest refuses appends
+            # near the cap, so with nothing arriving no other step would ever free those pages.
+            wal_upto, out_upto = self._wal_upto(), self._out_upto()
+            release = self._release_spools() if self.spools and min(self.spools) <= out_upto else []
+            if release or (wal_upto, out_upto) != self._dropped_upto:
+                self.wal.commit_core(None, {}, release, wal_upto=wal_upto, out_upto=out_upto)
+                self._dropped_upto = (wal_upto, out_upto)
             return None
         return self._emit(s, rows_items)
 
@@ -618,7 +625,9 @@ class Core:
             deletes.update(self._release_spools())
         evicted = self._evicted_runs(deletes)
         deletes.update(b"r:" + p.encode() for p in evicted)
-        self.wal.commit_core((batch.seq, packed), puts, deletes, wal_upto=self._wal_upto(batch), out_upto=self._out_upto())
+        upto = (self._wal_upto(batch), self._out_upto())
+        self.wal.commit_core((batch.seq, packed), puts, deletes, wal_upto=upto[0], out_upto=upto[1])
+        self._dropped_upto = upto
         book.dirty_runs.clear()
         book.dirty_producers.clear()
         book.forgotten_producers.clear()
@@ -685,7 +694,9 @@ class Core:
 
         Only called while the state in memory is the committed one (before a step, or after
         ``recover``)."""
-        self.wal.commit_core(None, {}, [], wal_upto=self._wal_upto(), out_upto=self._out_upto())
+        upto = (self._wal_upto(), self._out_upto())
+        self.wal.commit_core(None, {}, [], wal_upto=upto[0], out_upto=upto[1])
+        self._dropped_upto = upto
 
     def subscribe(self, keep: Callable[[Batch], None]) -> None:
         """Have ``keep`` called with every new batch, on the core's thread (a runner that holds

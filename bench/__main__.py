@@ -224,6 +224,12 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
             mx = h[key]["paced"]["max_us"]
             rows.append((f"paced max over the run ≤ 1 ms (agent {name}; raw path: {h['raw']['paced']['max_us']} µs)",
                          f"{mx} µs", mx <= 1000))
+        raw = h["raw"]["paced"]
+        for key, name in (("sdk_agent_up", "idle"), ("sdk_agent_down", "down")):
+            d = h[key]["paced"]
+            rows.append((f"agent {name}: p99.9 and max ≤ 2× raw (raw {raw['p999_us']} / {raw['max_us']} µs)",
+                         f"{d['p999_us']} / {d['max_us']} µs",
+                         d["p999_us"] <= 2 * raw["p999_us"] and d["max_us"] <= 2 * raw["max_us"]))
         cps = h["sdk_agent_up"]["tight"]["calls_per_s"]
         rows.append(("tight loop ≥ 300 000 calls/s", f"{cps}", cps >= 300_000))
     if "peer" in by:
