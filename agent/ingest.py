@@ -80,6 +80,8 @@ MAX_BATCH_BYTES: Final = 4 << 20
 coalesced message holds up to 16 frames)."""
 RESTART_BACKOFF_S: Final = (0.2, 5.0)
 HELLO_INTERVAL_S: Final = 1.0
+ACK_HEAD: Final = 16
+"""Leading bytes of a message that name its producer (and kind): the seq follows them."""
 ACK_HWM: Final = 64
 """Acknowledgements queued per producer that is not reading them; they are cumulative, so
 dropping older ones past this loses nothing."""
@@ -252,24 +254,21 @@ class Ingest:
         self._emptied = emptied
         good: list[bytes] = []
         frames = refused = 0
-        acks = self._pending_acks
+        # A message's first bytes are constant for its producer and kind (the seq comes later): only the
+        # last message of each such head is parsed for the acknowledgement, not every message.
+        lasts: dict[bytes, bytes] = {}
         for raw in raws:
             n = frame_count(raw) if len(raw) <= MAX_FRAME_BYTES else 0
             if n:
                 good.append(raw)
                 frames += n
-                ids = message_ids(raw)
-                if ids is not None:
-                    sid, _, last = ids
-                    if last > acks.get(sid, 0):
-                        acks[sid] = last
-                    if sid not in self.first_seen:
-                        self._remember_first(sid, ids[1])
+                lasts[raw[:ACK_HEAD]] = raw
                 continue
             reason = FrameTooLarge.reason if len(raw) > MAX_FRAME_BYTES else refusal_reason(raw)
             self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
             refused += 1
             self._warn("reject:" + reason, "message refused reason=%s bytes=%d", reason, len(raw))
+        self._note_acks(lasts, good)
         self.counters["messages"] += len(raws)
         self.counters["received"] += frames + refused
         self.counters["rejected"] += refused
@@ -294,6 +293,21 @@ class Ingest:
             self.wal_error = None
             self._acknowledge(acks)
         self._report()
+
+    def _note_acks(self, lasts: dict[bytes, bytes], good: list[bytes]) -> None:
+        """The last seq stored per producer, from the last message of each head; a producer never
+        seen before is looked up in the batch for its first message (rare)."""
+        acks = self._pending_acks
+        for raw in lasts.values():
+            ids = message_ids(raw)
+            if ids is None:
+                continue
+            sid, _, last = ids
+            if last > acks.get(sid, 0):
+                acks[sid] = last
+            if sid not in self.first_seen:
+                first = next(i[1] for m in good if (i := message_ids(m)) is not None and i[0] == sid)
+                self._remember_first(sid, first)
 
     def _remember_first(self, sid: int, first: int) -> None:
         if len(self.first_seen) >= MAX_PRODUCERS:

@@ -79,8 +79,9 @@ RECONNECT_IVL_MS = 10
 RECONNECT_IVL_MAX_MS = 1000
 """A socket retries its connection after 10 ms, backing off to 1 s while no agent is there."""
 ACK_POLL_EVERY = 255
-"""Acknowledgements are read on every 256th send (and before a barrier and at exit): rare enough
-to stay out of the call's p99, often enough to keep ``held`` small."""
+"""Acknowledgements are read (and the message bound enforced) whenever a frame's seq passes a
+multiple of 256, before a barrier and at exit, and at once past the byte bound: rare enough to
+stay out of the call's p99, often enough to keep ``held`` small."""
 _ALONE = frozenset((Kind.RUN_OPEN, Kind.FLUSH, Kind.RUN_CLOSE, Kind.FILE_PUT, Kind.FILE_COPY, Kind.FILE_UPDATE,
                     Kind.FILE_DELETE))
 """Never buffered: a run open (so the agent learns of the producer, and watches it, at once), a
@@ -149,7 +150,7 @@ class Producer:
     """One thread's PUSH socket, producer id, sequence counter, drop counter and unacknowledged frames.
 
     Every message sent stays in ``held`` until ingest acknowledges it as stored (an ``acks`` SUB
-    socket, read on every 64th send and before a barrier), at most ``RESEND_MAX_BYTES``. When a
+    socket, read on every 256th send and before a barrier), at most ``RESEND_MAX_BYTES``. When a
     new agent speaks (another incarnation: the one before died), everything it never
     acknowledged is sent again; the new agent admits what fills its gaps and drops the rest by
     sequence number, so no stored frame lands twice and none sent is lost while this process
@@ -159,8 +160,8 @@ class Producer:
 
     __slots__ = (
         "sock", "sid", "pid", "seq", "dropped", "counter", "coalesce_s", "_heads", "_packer", "_last_report",
-        "_buf", "_buf_t", "_buf_bytes", "acks", "held", "held_bytes", "incarnation", "released", "resent", "_sends",
-        "_released_report", "runtime_dir",
+        "_buf", "_buf_t", "_buf_bytes", "acks", "held", "held_lo", "held_bytes", "_groups", "incarnation", "released",
+        "resent", "_released_report", "runtime_dir",
     )
 
     def __init__(
@@ -199,13 +200,16 @@ class Producer:
         self.acks.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         self.acks.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         self.acks.connect(f"ipc://{runtime_dir / ACKS_SOCKET}")
-        self.held: deque[tuple[int, int, bytes]] = deque()
-        """Messages sent but not yet acknowledged as stored, in order: ``(first seq, last seq, bytes)``."""
+        self.held: deque[bytes] = deque()
+        """Messages sent but not yet acknowledged as stored, in order; their frames' seqs follow one
+        another from ``held_lo`` (a dropped frame takes no seq)."""
+        self.held_lo = 1
         self.held_bytes = 0
+        self._groups: dict[int, int] = {}
+        """First seq → frame count of each held message of more than one frame (coalesced)."""
         self.incarnation: int | None = None
         self.released = 0
         self.resent = 0
-        self._sends = 0
         self._released_report = 0.0
 
     def send(self, kind: int, root: str, prefix: str, payload: object, wait_s: float = 0.0) -> int:
@@ -247,18 +251,19 @@ class Producer:
             return 0
         self.seq = seq
         _pack_counter(self.counter, 0, seq, self.dropped, 0)
-        self.held.append((seq - n + 1, seq, data))
+        self.held.append(data)
         self.held_bytes += len(data)
-        if self.held_bytes > RESEND_MAX_BYTES or len(self.held) > RESEND_MAX_MESSAGES:
-            self._release_oldest()
-        self._sends += 1
-        if not self._sends & ACK_POLL_EVERY:
+        if n > 1:
+            self._groups[seq - n + 1] = n
+        if (seq & ACK_POLL_EVERY) < n or self.held_bytes > RESEND_MAX_BYTES:
             self.poll_acks()
         return seq
 
     def poll_acks(self) -> None:
         """Read the agent's acknowledgements and announcements: forget what it stored, and send
-        again what a new agent (another incarnation) never got."""
+        again what a new agent (another incarnation) never got; past the bound, forget the oldest."""
+        while self.held_bytes > RESEND_MAX_BYTES or len(self.held) > RESEND_MAX_MESSAGES:
+            self._release_oldest()
         if not int(self.acks.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return
         recv = self.acks.recv_multipart
@@ -275,30 +280,46 @@ class Producer:
             known, self.incarnation = self.incarnation, msg[0]
             if len(msg) == 3:
                 first, last = msg[1], msg[2]
-                if known != msg[0] and self.held and self.held[0][1] < first:
+                if known != msg[0] and self.held and self.held_lo < first:
                     self._resend(first)
-                held = self.held
-                while held and first <= held[0][0] and held[0][1] <= last:
-                    self.held_bytes -= len(held.popleft()[2])
+                self._forget(first, last)
             elif known is not None and known != msg[0]:
                 self._resend(None)
 
+    def _forget(self, first: int, last: int) -> None:
+        """The agent stored frames ``first``..``last``: drop the held messages wholly inside."""
+        held, groups, lo = self.held, self._groups, self.held_lo
+        while held and first <= lo:
+            n = groups.get(lo, 1)
+            if lo + n - 1 > last:
+                break
+            if n > 1:
+                del groups[lo]
+            self.held_bytes -= len(held.popleft())
+            lo += n
+        self.held_lo = lo
+
     def _resend(self, first: int | None) -> None:
         """Send again, in order, what was sent before ``first`` (all if None) and never acknowledged."""
-        for lo, hi, data in list(self.held):
-            if first is not None and hi >= first:
+        lo = self.held_lo
+        for data in list(self.held):
+            n = self._groups.get(lo, 1)
+            if first is not None and lo + n - 1 >= first:
                 break
             try:
                 self.sock.send(data, zmq.NOBLOCK)
             except zmq.ZMQError:
                 return
-            self.resent += hi - lo + 1
+            self.resent += n
+            lo += n
 
     def _release_oldest(self) -> None:
         """Past the bound, the oldest unacknowledged message is forgotten: it can no longer be re-sent."""
-        lo, hi, data = self.held.popleft()
+        data = self.held.popleft()
+        n = self._groups.pop(self.held_lo, 1)
+        self.held_lo += n
         self.held_bytes -= len(data)
-        self.released += hi - lo + 1
+        self.released += n
         now = time.monotonic()
         if now - self._released_report >= DROP_REPORT_INTERVAL_S:
             self._released_report = now

@@ -19,14 +19,15 @@ PRODUCER = """
 import json, sys, time, dashcar
 from dashcar import _transport
 idx, mode, n, root = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-exp = dashcar.Experiment(prefix=f"resend/{mode}/p{idx}", dash_root=root, echo_logs=False).start()
+exp = dashcar.Experiment(prefix=f"resend/{mode}/p{idx}", dash_root=root, echo_logs=False,
+                         coalesce_ms=2 if mode.endswith("-grouped") else 0).start()
 track, metric = exp.tracks("robot/state"), exp.metrics("loss")
 t0 = time.perf_counter()
 for i in range(n):
     track.append(q=[i, -i], _ts=i * 0.001)
     if i % 100 == 99:
         metric.log(step=i)
-    if mode == "paced":
+    if mode.startswith("paced"):
         wait = t0 + (i + 1) * 0.001 - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
@@ -39,13 +40,17 @@ print(json.dumps({"resent": p.resent, "released": p.released, "dropped": p.dropp
 """
 
 
+MODES = ["paced", "paced-grouped", "burst", "burst-grouped"]
+"""``-grouped``: coalescing on, so held messages carry several frames each."""
+
+
 def test_agent_kills_under_paced_and_bursting_producers_lose_nothing(agent_factory: Any, producers: Any) -> None:
     rng = random.Random(5)
     agent: AgentHandle = agent_factory("--merge-window-s", "0.05").start()
     n = 4000
     procs = [
         producers(f"import sys; sys.argv = ['p', '{i}', '{mode}', '{n}', {str(agent.data_dir)!r}]\n" + PRODUCER, agent.env())
-        for i, mode in enumerate(["paced", "paced", "burst", "burst"])
+        for i, mode in enumerate(MODES)
     ]
     kills = 0
     while kills < 3 and any(p.poll() is None for p in procs):
@@ -60,7 +65,7 @@ def test_agent_kills_under_paced_and_bursting_producers_lose_nothing(agent_facto
         assert "Traceback" not in err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert kills == 3
-    for i, mode in enumerate(["paced", "paced", "burst", "burst"]):
+    for i, mode in enumerate(MODES):
         run = agent.data_dir / "resend" / mode / f"p{i}"
         wait_until(lambda run=run: (read_json(run / "experiment.json") or {}).get("status") == "completed", 60, f"{run} closed")
         rows = read_jsonl(run / "tracks" / "robot_state" / "data.jsonl")
