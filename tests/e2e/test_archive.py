@@ -209,6 +209,24 @@ def test_an_outage_mid_run_costs_jsonl_nothing_and_the_bucket_ends_with_every_fr
     assert sorted(frame["sequence"]) == list(range(expected(n3)["logs"])) and set(frame["run"]) == {RUN}
 
 
+def kill_mid_upload(agent: AgentHandle, proc: Any, proxy: Proxy, moto: Moto, bucket: str, phases: list[str],
+                    modes: list[str], kind: str) -> None:
+    """At each phase the producer reaches, SIGKILL the agent while an upload is held by the proxy (the
+    second time once a half-open upload of ``kind`` objects reached the server unanswered), switch the
+    proxy to the next mode, restart the agent and let the producer go on."""
+    for k, (phase, mode) in enumerate(zip(phases, modes, strict=True)):
+        next_phase(proc, phase)
+        held = proxy.held
+        wait_until(lambda held=held: proxy.held > held, 30, "an upload in flight")
+        if k == 1:
+            wait_until(lambda: any(kind in key for key in objects(moto.endpoint, bucket)), 30,
+                       "a half-open upload stored on the server, unanswered")
+        agent.kill()
+        proxy.set_mode(mode)
+        agent.start()
+        go(proc)
+
+
 def test_three_agent_sigkills_mid_upload_leave_every_frame_once_and_nothing_else(
     agent_factory: Any, producers: Any, moto: Moto, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,17 +237,8 @@ def test_three_agent_sigkills_mid_upload_leave_every_frame_once_and_nothing_else
     proxy.set_mode("stall")
     agent.start()
     proc = start_producer(producers, agent, phases)
-    for k, mode in enumerate(["halfopen", "stall", "pass"]):
-        next_phase(proc, f"phase {phases[k][1]}")
-        held = proxy.held
-        wait_until(lambda held=held: proxy.held > held, 30, "an upload in flight")
-        if k == 1:
-            wait_until(lambda: any("/tracks/" in key for key in objects(moto.endpoint, bucket)), 30,
-                       "a half-open upload stored on the server, unanswered")
-        agent.kill()
-        proxy.set_mode(mode)
-        agent.start()
-        go(proc)
+    kill_mid_upload(agent, proc, proxy, moto, bucket, [f"phase {end}" for _, end in phases[:3]],
+                    ["halfopen", "stall", "pass"], "/tracks/")
     next_phase(proc, f"phase {phases[-1][1]}")
     go(proc)
     next_phase(proc, "done")
@@ -454,17 +463,7 @@ def test_agent_sigkills_while_files_ship_leave_every_object_and_one_row_per_oper
     work.mkdir()
     proc = producers(f"import sys; sys.argv = ['p', {str(agent.data_dir)!r}, {str(work)!r}]\n"
                      + textwrap.dedent(KILL_PRODUCER.format(run=FILES_RUN)), agent.env())
-    for k, mode in enumerate(["halfopen", "pass"]):
-        next_phase(proc, f"phase {k}")
-        held = proxy.held
-        wait_until(lambda held=held: proxy.held > held, 30, "an upload in flight")
-        if k == 1:
-            wait_until(lambda: any("/files/" in key for key in objects(moto.endpoint, bucket)), 30,
-                       "a half-open upload stored on the server, unanswered")
-        agent.kill()
-        proxy.set_mode(mode)
-        agent.start()
-        go(proc)
+    kill_mid_upload(agent, proc, proxy, moto, bucket, ["phase 0", "phase 1"], ["halfopen", "pass"], "/files/")
     next_phase(proc, "phase 2")
     go(proc)
     next_phase(proc, "done")
