@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import Agent, emit
-from bench.bench_ingest import _fields
+from bench.bench_ingest import wal_backlog
 
 ROLL_S = 1.0
 CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1",
@@ -86,33 +86,13 @@ class Moto:
             self.proc.wait()
 
 
-def backlog(state: Path, root: str, frames: int, runs: int = 4) -> int:
-    """Write ``frames`` track frames of ``runs`` runs into a fresh WAL; returns the records written."""
-    import msgpack
-
-    from dashcar.agent.wal import Wal
-    from dashcar.proto import Frame, Kind, RunOpen, encode, frame_head
-
-    wal = Wal(state / "wal", 16 << 30)
-    pid = os.getpid()
-    records = [encode(Frame(Kind.RUN_OPEN, 100 + p, pid, root, f"bench/archive/p{p}", 1, RunOpen({}))) for p in range(runs)]
-    heads = [frame_head(Kind.TRACK, 100 + p, pid, root, f"bench/archive/p{p}") for p in range(runs)]
-    for i in range(frames // runs):
-        for p in range(runs):
-            records.append(heads[p] + msgpack.packb(i + 2) + msgpack.packb(["robot/state", i * 0.001, _fields(i)]))
-    for i in range(0, len(records), 8192):
-        wal.append(records[i:i + 8192], {})
-    wal.close()
-    return len(records)
-
-
 def drain(frames: int, moto: Moto | None, *extra: str) -> dict[str, Any]:
     """Start an agent on a backlog; frames/s into JSONL and (with ``moto``) into the bucket."""
     base = Path(tempfile.mkdtemp(prefix="dca-", dir="/tmp"))
     bucket = f"bench-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     try:
         state = base / "state"
-        records = backlog(state, str(base / "data"), frames)
+        records = wal_backlog(state, str(base / "data"), "archive", frames)
         args = ["--merge-window-s", "0.2", "--state-dir", str(state)]
         if moto is not None:
             moto.client().create_bucket(Bucket=bucket)

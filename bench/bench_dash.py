@@ -30,30 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import Agent, emit
+from bench.bench_ingest import producer
 
 REPO = Path(__file__).resolve().parent.parent
-Q = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-
-
-def _fields(i: int) -> dict[str, Any]:
-    return {"q": Q, "qd": Q, "tau": Q, "gripper_pos": 0.04, "gripper_force": 10.0 + i % 7}
-
-
-def _producer(env: dict[str, str], root: str, tag: str, idx: int, n: int, ready: Any, go: Any, out: Any) -> None:
-    os.environ.update(env)
-    import dashcar
-
-    exp = dashcar.Experiment(prefix=f"bench/dash/{tag}-p{idx}", dash_root=root, echo_logs=False).start()
-    track = exp.tracks("robot/state")
-    ready.release()
-    go.wait()
-    for i in range(n):
-        track.append(**_fields(i), _ts=i * 0.001)
-    from dashcar import _transport
-
-    assert exp._runtime_dir is not None
-    out.put(_transport.get_transport(exp._runtime_dir).dropped())
-    exp.complete()
 
 
 class Server:
@@ -90,7 +69,7 @@ def _free_port() -> int:
 def _start(agent: Agent, tag: str, producers: int, frames: int) -> tuple[list[Any], Any, Any]:
     ctx = mp.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_producer, args=(agent.env, str(agent.data_dir), tag, i, frames, ready, go, out))
+    procs = [ctx.Process(target=producer, args=(agent.env, str(agent.data_dir), f"bench/dash/{tag}-p{i}", frames, ready, go, out))
              for i in range(producers)]
     for p in procs:
         p.start()

@@ -34,11 +34,14 @@ def _fields(i: int) -> dict[str, Any]:
     return {"q": Q, "qd": Q, "tau": Q, "gripper_pos": 0.04, "gripper_force": 10.0 + i % 7}
 
 
-def _producer(env: dict[str, str], root: str, idx: int, n: int, ready: Any, go: Any, out: Any, coalesce_ms: float) -> None:
+def producer(env: dict[str, str], root: str, prefix: str, n: int, ready: Any, go: Any, out: Any,
+             coalesce_ms: float = 0.0) -> None:
+    """A process logging ``n`` 6-DOF track frames to run ``prefix`` in a tight loop once ``go`` is set;
+    puts the frames it dropped on ``out``."""
     os.environ.update(env)
     import dashcar
 
-    exp = dashcar.Experiment(prefix=f"bench/ingest/p{idx}", dash_root=root, coalesce_ms=coalesce_ms, echo_logs=False).start()
+    exp = dashcar.Experiment(prefix=prefix, dash_root=root, coalesce_ms=coalesce_ms, echo_logs=False).start()
     track = exp.tracks("robot/state")
     ready.release()
     go.wait()
@@ -120,8 +123,9 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
     with Agent("--merge-window-s", "0.2") as agent:
         ctx = mp.get_context("spawn")
         ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        args = [(agent.env, str(agent.data_dir), i, frames, ready, go, out, coalesce_ms) for i in range(producers)]
-        procs = [ctx.Process(target=_producer, args=a) for a in args]
+        args = [(agent.env, str(agent.data_dir), f"bench/ingest/p{i}", frames, ready, go, out, coalesce_ms)
+                for i in range(producers)]
+        procs = [ctx.Process(target=producer, args=a) for a in args]
         for p in procs:
             p.start()
         for _ in procs:
@@ -163,34 +167,39 @@ def run(producers: int, frames: int, coalesce_ms: float = 0.0) -> dict[str, Any]
         }
 
 
-def drain(frames: int, producers: int = 4) -> dict[str, Any]:
-    """A backlog of ``frames`` in the WAL (as ingest stores them), drained by a starting agent."""
+def wal_backlog(state: Path, root: str, tag: str, frames: int, runs: int = 4) -> int:
+    """Write ``frames`` track frames of ``runs`` runs (``bench/<tag>/p<i>``) into a fresh WAL, as ingest
+    stores them; returns the records written."""
     import msgpack
 
     from dashcar.agent.wal import Wal
     from dashcar.proto import Frame, Kind, RunOpen, encode, frame_head
 
+    wal = Wal(state / "wal", 16 << 30)
+    pid = os.getpid()
+    records = [encode(Frame(Kind.RUN_OPEN, 100 + p, pid, root, f"bench/{tag}/p{p}", 1, RunOpen({}))) for p in range(runs)]
+    heads = [frame_head(Kind.TRACK, 100 + p, pid, root, f"bench/{tag}/p{p}") for p in range(runs)]
+    for i in range(frames // runs):
+        for p in range(runs):
+            records.append(heads[p] + msgpack.packb(i + 2) + msgpack.packb(["robot/state", i * 0.001, _fields(i)]))
+    for i in range(0, len(records), 8192):
+        wal.append(records[i:i + 8192], {})
+    wal.close()
+    return len(records)
+
+
+def drain(frames: int, producers: int = 4) -> dict[str, Any]:
+    """A backlog of ``frames`` in the WAL (as ingest stores them), drained by a starting agent."""
     base = Path(tempfile.mkdtemp(prefix="dcd-", dir="/tmp"))
     try:
         state = base / "state"
-        root = str(base / "data")
-        wal = Wal(state / "wal", 16 << 30)
-        pid = os.getpid()
-        records = [encode(Frame(Kind.RUN_OPEN, 100 + p, pid, root, f"bench/drain/p{p}", 1, RunOpen({})))
-                   for p in range(producers)]
-        heads = [frame_head(Kind.TRACK, 100 + p, pid, root, f"bench/drain/p{p}") for p in range(producers)]
-        for i in range(frames // producers):
-            for p in range(producers):
-                records.append(heads[p] + msgpack.packb(i + 2) + msgpack.packb(["robot/state", i * 0.001, _fields(i)]))
-        for i in range(0, len(records), 8192):
-            wal.append(records[i:i + 8192], {})
-        wal.close()
+        written = wal_backlog(state, str(base / "data"), "drain", frames, producers)
         t0 = time.perf_counter()
         agent = Agent("--merge-window-s", "0.2", "--state-dir", str(state))
         try:
             while True:
                 st = agent.status()
-                if st["frames"]["written"] >= len(records) or time.perf_counter() - t0 > 600:
+                if st["frames"]["written"] >= written or time.perf_counter() - t0 > 600:
                     break
                 time.sleep(0.01)
             dt = time.perf_counter() - t0

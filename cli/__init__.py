@@ -174,9 +174,9 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _status_of(run: Path) -> str:
-    from ._runs import _read_json
+    from dashcar._read import read_json
 
-    doc = _read_json(run / "experiment.json")
+    doc = read_json(run / "experiment.json")
     return str(doc.get("status", "unknown")) if isinstance(doc, dict) else "unknown"
 
 

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dashcar import _read
 
 from ._common import OK, CliError, err
-from ._runs import Topic, _read_json, iter_rows, parse_iso, prefix_of, resolve_run, resolve_topic, topics
+from ._runs import Topic, iter_rows, parse_iso, prefix_of, resolve_run, resolve_topic, topics
 
 FORMATS: Final = ("parquet", "csv", "jsonl", "mcap")
 LOG_LEVELS: Final = {"debug": 1, "info": 2, "warn": 3, "warning": 3, "error": 4, "fatal": 5, "critical": 5}
@@ -241,7 +241,7 @@ def _write_mcap(run: Path, fp: IO[bytes], advance: Callable[[int], None], root: 
             msg, ns = mcap_message(topic, row, prefix)
             writer.add_message(channel, log_time=ns, data=json.dumps(msg).encode(), publish_time=ns, sequence=seq)
             n += 1
-    info = _read_json(run / "experiment.json")
+    info = _read.read_json(run / "experiment.json")
     if isinstance(info, dict):
         writer.add_metadata("dashcar.run", {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
     params = _read.read_params(run)

@@ -47,7 +47,7 @@ def find_runs(root: Path) -> list[Path]:
 
 def prefix_of(run: Path, root: Path | None) -> str:
     """The run's prefix: from its ``experiment.json``, else its path under ``root``, else its name."""
-    doc = _read_json(run / "experiment.json")
+    doc = _read.read_json(run / "experiment.json")
     if isinstance(doc, dict) and isinstance(doc.get("prefix"), str):
         return str(doc["prefix"])
     if root is not None:
@@ -80,14 +80,6 @@ def resolve_run(arg: str, root: Path) -> Path:
                    "give more of the prefix")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def parse_iso(text: object) -> float | None:
     """ML-Dash's ``2026-01-02T03:04:05.123456Z`` as seconds since the epoch."""
     if not isinstance(text, str) or not text:
@@ -113,7 +105,7 @@ def _log_count(run: Path) -> int:
 
 def summary(run: Path, root: Path | None) -> dict[str, Any]:
     """What ``ls`` shows of a run: status, start, duration, counts, frames lost."""
-    raw = _read_json(run / "experiment.json")
+    raw = _read.read_json(run / "experiment.json")
     doc: dict[str, Any] = raw if isinstance(raw, dict) else {}
     extra: dict[str, Any] = doc["dashcar"] if isinstance(doc.get("dashcar"), dict) else {}
     counters: dict[str, Any] = extra["counters"] if isinstance(extra.get("counters"), dict) else {}

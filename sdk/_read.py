@@ -20,7 +20,8 @@ from dashcar.proto import metric_dir_parts, track_dir_name
 TRACK_FORMATS = ("json", "jsonl", "parquet", "mocap")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's value; None if it is missing or unreadable (a run still being written)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -45,7 +46,7 @@ def unflatten(flat: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
 
 def read_params(run: Path, flatten: bool = True) -> dict[str, Any]:
     """The run's parameters (dot-flattened, or nested with ``flatten=False``)."""
-    doc = _read_json(run / "parameters.json")
+    doc = read_json(run / "parameters.json")
     data = dict(doc.get("data") or {}) if isinstance(doc, dict) else {}
     return data if flatten else unflatten(data)
 
@@ -74,7 +75,7 @@ def read_series(
                     points.append(json.loads(line))
     except FileNotFoundError:
         pass
-    meta = _read_json(d / "metadata.json") or {}
+    meta = read_json(d / "metadata.json") or {}
     total = int(meta.get("totalDataPoints", 0))
     return {
         "data": points,
@@ -87,7 +88,7 @@ def read_series(
 
 def series_stats(run: Path, folder: str, name: str | None) -> dict[str, Any]:
     """A series' counts and metadata, as ML-Dash's ``stats`` returns them (counts as strings)."""
-    meta = _read_json(series_dir(run, folder, name) / "metadata.json")
+    meta = read_json(series_dir(run, folder, name) / "metadata.json")
     if not isinstance(meta, dict):
         raise FileNotFoundError(f"{folder[:-1]} {name!r} not found in {run}")
     total = int(meta.get("totalDataPoints", 0))
@@ -116,7 +117,7 @@ def list_series(run: Path, folder: str) -> list[dict[str, Any]]:
     for meta_path in sorted(base.rglob("metadata.json")) if base.is_dir() else []:
         if not (meta_path.parent / "data.jsonl").exists():
             continue
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         if not isinstance(meta, dict) or "totalDataPoints" not in meta:
             continue
         name = meta["name"] if "name" in meta else meta_path.parent.relative_to(base).as_posix()
@@ -227,7 +228,7 @@ def read_track(
         return "\n".join(json.dumps(e) for e in entries).encode()
     if format == "parquet":
         return _to_parquet(entries)
-    meta = meta if meta is not None else (_read_json(d / "metadata.json") or {})
+    meta = meta if meta is not None else (read_json(d / "metadata.json") or {})
     user_meta = meta.get("metadata")
     if not isinstance(user_meta, dict):
         user_meta = {}
@@ -258,7 +259,7 @@ def list_tracks(run: Path, topic_filter: str | None = None) -> list[dict[str, An
     base = run / "tracks"
     out = []
     for meta_path in sorted(base.glob("*/metadata.json")) if base.is_dir() else []:
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         if not isinstance(meta, dict) or "topic" not in meta:
             continue
         topic = meta["topic"]
