@@ -393,11 +393,15 @@ class Core:
         if not records and not rows_items and not s.acks and not book.dirty_runs:
             # Idle: still drop what the sinks passed since the last commit. Ingest refuses appends
             # near the cap, so with nothing arriving no other step would ever free those pages.
-            wal_upto, out_upto = self._wal_upto(), self._out_upto()
-            release = self._release_spools() if self.spools and min(self.spools) <= out_upto else []
-            if release or (wal_upto, out_upto) != self._dropped_upto:
-                self.wal.commit_core(None, {}, release, wal_upto=wal_upto, out_upto=out_upto)
-                self._dropped_upto = (wal_upto, out_upto)
+            # Only the sinks moving on can move either horizon here (nothing was read or settled), and
+            # the WAL's horizon (over the open rows) is the costly one: it is computed only then.
+            out_upto = self._out_upto()
+            spools_due = bool(self.spools) and min(self.spools) <= out_upto
+            if out_upto != self._dropped_upto[1] or spools_due:
+                upto = (self._wal_upto(), out_upto)
+                release = self._release_spools() if spools_due else []
+                self.wal.commit_core(None, {}, release, wal_upto=upto[0], out_upto=out_upto)
+                self._dropped_upto = upto
             return None
         return self._emit(s, rows_items)
 
