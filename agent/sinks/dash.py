@@ -20,6 +20,9 @@ with the cursor, so what a send staged exists durably exactly when its batch was
   server holds them (the spool file or the caller's file may be gone by then); written and
   fsynced before the staging commits, deleted once the acknowledgement is committed. A blob no
   outbox entry names (a send that failed before its commit) is swept at start.
+- ``<state dir>/dash-deadline``: the latest deadline of the requests sent, written before each
+  request goes (the state is committed only after it): a restarted agent reads back nothing
+  before its predecessor's requests must have ended, however large an upload was.
 
 Invariants
 - A series has at most one request in flight and sends its outbox in order; requests are
@@ -54,6 +57,7 @@ import json
 import logging
 import math
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -383,7 +387,9 @@ class DashSink:
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {}
         self._delivered = 1 << 62
-        self._last_request = self._last_request_saved = 0.0
+        self.deadline_path = str(cfg.state_dir / "dash-deadline") if cfg else ""
+        self._deadline = 0.0
+        self._deadline_fd: int | None = None
         self._counters_saved: dict[str, int] = {}
         self._backlog: tuple[int, int, float | None] = (0, 0, None)
 
@@ -402,9 +408,8 @@ class DashSink:
         self.counters = dict(state.get(b"k:", {}))
         self._counters_saved = dict(self.counters)
         # Requests the previous agent sent just before it died may still be on the server's side:
-        # read back only once they must have ended (the request deadline after the last one sent).
-        last = float(state.get(b"k:t", 0.0))
-        resume = time.monotonic() + max(0.0, last + self.timeout_s + 1.0 - time.time()) if first else 0.0
+        # read back only once they must have ended (the latest deadline it recorded before sending).
+        resume = time.monotonic() + max(0.0, self._previous_deadline() + 1.0 - time.time()) if first else 0.0
         self.units = sum(s.units for s in self.series.values())
         self.size = sum(s.size for s in self.series.values())
         busy = {j.sid for j in self.jobs.values() if j.sid}
@@ -497,9 +502,6 @@ class DashSink:
         self._trash = []
 
     def _stage_touched(self, state: SinkState) -> None:
-        if self._last_request > self._last_request_saved:
-            state.put(b"k:t", self._last_request)
-            self._last_request_saved = self._last_request
         if self.counters != self._counters_saved:
             state.put(b"k:", self.counters)
             self._counters_saved = dict(self.counters)
@@ -556,6 +558,9 @@ class DashSink:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self._deadline_fd is not None:
+            os.close(self._deadline_fd)
+            self._deadline_fd = None
 
     # ---------------------------------------------------------------- staging
     def _stage_batch(self, batch: Batch, state: SinkState, rejected: list[Rejected]) -> None:
@@ -915,10 +920,34 @@ class DashSink:
         job.method, job.path, job.timeout_s, job.url = method, path, timeout_s, rec.url
         self.jobs[self._next_job] = job
         url = rec.url + path
+        self._note_deadline(time.time() + timeout_s)
         self.pool.submit(Request(self._next_job, method, url, headers, body, timeout_s))
-        self._last_request = time.time()
         self.counters["requests"] = self.counters.get("requests", 0) + 1
         log.debug("dash: %s %s", method, path)
+
+    def _note_deadline(self, t: float) -> None:
+        """Before a request goes, record when it must have ended, in a file of its own: written before
+        the request (a state commit comes only after it), it survives a SIGKILL without an fsync."""
+        if t <= self._deadline or not self.deadline_path:
+            return
+        try:
+            if self._deadline_fd is None:
+                self._deadline_fd = os.open(self.deadline_path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._deadline_fd, struct.pack("<d", t), 0)
+        except OSError as exc:
+            log.warning("dash: cannot record request deadlines in %s: %s", self.deadline_path, exc.strerror)
+            self.deadline_path = ""
+            return
+        self._deadline = t
+
+    def _previous_deadline(self) -> float:
+        """The latest deadline of the requests a previous agent sent (0 if none)."""
+        try:
+            with open(self.deadline_path, "rb") as f:
+                data = f.read(8)
+        except OSError:
+            return 0.0
+        return float(struct.unpack("<d", data)[0]) if len(data) == 8 else 0.0
 
     def _key(self, rec: RunRec, *parts: object, body: bytes = b"") -> str:
         """An ``Idempotency-Key``: the run, then what identifies the request's content (a series' stream
@@ -1151,16 +1180,8 @@ class DashSink:
         if outcome in (Outcome.AMBIGUOUS, Outcome.RETRY):
             if outcome is Outcome.AMBIGUOUS and job.what == "data" and s.kind != PARAMS:
                 s.verify = True
-            wait = backoff(s.attempt, base_s=BACKOFF_BASE_S, cap_s=self.retry_max_s)
-            if reply.timed_out:
-                wait = max(wait, job.timeout_s)
-            if reply.status and 200 <= reply.status < 300:
-                wait = 0.0
-            s.attempt += 1
-            s.error = f"{detail} on {what}"
-            s.next_at = now + max(wait, retry_after)
-            self.counters["retries"] = self.counters.get("retries", 0) + 1
-            log.debug("dash: %s: %s; retrying in %.2fs", what, s.error, s.next_at - now)
+            self._retry_later(s, job, reply, f"{detail} on {what}", retry_after, now,
+                              at_once=bool(reply.status and 200 <= reply.status < 300))
             return
         if outcome is Outcome.REFUSED:
             if job.what == "check" and reply.status != 404:
@@ -1212,13 +1233,20 @@ class DashSink:
             return
         if outcome is Outcome.AMBIGUOUS and job.what == "data" and job.step == "put":
             s.verify = True
-        wait = backoff(s.attempt, base_s=BACKOFF_BASE_S, cap_s=self.retry_max_s)
+        self._retry_later(s, job, reply, f"{detail} on {what}", retry_after, now)
+
+    def _retry_later(self, s: Series, job: Job, reply: Reply, error: str, retry_after: float, now: float,
+                     at_once: bool = False) -> None:
+        """Back the series off: exponentially, at least as long as ``Retry-After`` asks, and past a
+        timed-out request's own deadline (the server may still be working on it); ``at_once``: no wait."""
+        wait = 0.0 if at_once else backoff(s.attempt, base_s=BACKOFF_BASE_S, cap_s=self.retry_max_s)
         if reply.timed_out:
             wait = max(wait, job.timeout_s)
         s.attempt += 1
-        s.error = f"{detail} on {what}"
+        s.error = error
         s.next_at = now + max(wait, retry_after)
         self.counters["retries"] = self.counters.get("retries", 0) + 1
+        log.debug("dash: %s; retrying in %.2fs", error, s.next_at - now)
 
     def _file_answer(self, state: SinkState, rec: RunRec, s: Series, job: Job, body: Any) -> str | None:
         """Apply a 2xx answer to a file request; an error text if it is unusable."""
